@@ -1,0 +1,48 @@
+"""The `irsa-cache` command: `serve` runs the daemon, `demo` shows it working end to end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from daemon import __version__, config, logs
+from daemon.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="irsa-cache", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"irsa-cache {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the credential cache daemon")
+    config.add_serve_options(serve)
+    demo = commands.add_parser(
+        "demo", help="run an embedded issuer, STS (moto) and daemon, and start simulated pods against it"
+    )
+    from daemon import demo as demo_module  # imports moto and boto3: only for this command
+
+    demo_module.add_arguments(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from daemon import demo
+
+        return demo.main(args)
+    try:
+        settings = config.settings_from(args)
+        logs.configure(settings.log_level)
+        from daemon import app
+
+        return asyncio.run(app.serve(settings))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"irsa-cache: error: {problem}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

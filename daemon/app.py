@@ -1,0 +1,155 @@
+"""Wiring and supervision: Settings in, a running daemon out.
+
+The one place that builds components: the directory and its trust, the token
+verifier, the STS source, the cache around it, and the two HTTP listeners. The
+server receives ready objects and constructs nothing. `running()` is what both
+`irsa-cache serve` and the tests use; `serve()` adds signals and supervision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from daemon import config, server, sts
+from daemon.cache import CachePolicy, CredentialCache
+from daemon.directory.base import Directory, Trust
+from daemon.directory.static import load_static_config
+from daemon.errors import ConfigError
+from daemon.models import Clock, CredentialSource, system_clock
+from daemon.tokens import TokenVerifier
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 5.0  # well inside a pod's default 30 s termination grace
+
+
+@dataclass
+class RunningDaemon:
+    """Handles on a daemon started by `running()`."""
+
+    listen: list[config.Address]  # as bound: a port given as 0 is resolved here
+    metrics_listen: config.Address
+    cache: CredentialCache
+    verifier: TokenVerifier
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def credentials_url(self) -> str:
+        return f"http://{self.listen[0]}{server.CREDENTIALS_PATH}"
+
+
+def build_directory(settings: config.Settings) -> tuple[Trust, Directory]:
+    assert settings.directory.static_config is not None  # config validated it
+    return load_static_config(settings.directory.static_config)
+
+
+def cache_policy(settings: config.CacheSettings) -> CachePolicy:
+    return CachePolicy(
+        serve_floor_seconds=settings.serve_floor_seconds,
+        refresh_jitter=settings.refresh_jitter,
+        idle_evict_seconds=settings.idle_evict_seconds,
+        max_entries=settings.max_entries,
+        stale_cutoff_seconds=settings.stale_cutoff_seconds,
+    )
+
+
+async def _start_sites(runner: web.AppRunner, addresses: tuple[config.Address, ...]) -> list[config.Address]:
+    await runner.setup()
+    for address in addresses:
+        await web.TCPSite(runner, address.host, address.port).start()
+    return [config.Address(str(host), int(port)) for host, port, *_ in runner.addresses]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: config.Settings,
+    *,
+    clock: Clock = system_clock,
+    source: CredentialSource | None = None,
+) -> AsyncIterator[RunningDaemon]:
+    """Start every part of the daemon; stop them all on exit. `source` replaces STS in tests."""
+    trust, directory = build_directory(settings)
+    verifier = TokenVerifier(
+        issuer=trust.issuer,
+        audience=trust.audience,
+        key_source=trust.key_source,
+        clock=clock,
+        leeway_seconds=config.TOKEN_LEEWAY_SECONDS,
+        refetch_min_interval_seconds=config.JWKS_REFETCH_MIN_INTERVAL_SECONDS,
+        max_verified=config.VERIFIED_TOKENS_MAX,
+    )
+    try:
+        await verifier.load_keys()
+    except Exception as exc:
+        raise ConfigError([f"signing keys: cannot load from {trust.key_source.description}: {exc}"]) from exc
+
+    async with contextlib.AsyncExitStack() as stack:
+        if source is None:
+            source = await stack.enter_async_context(
+                sts.StsSource(
+                    region=settings.sts.region,
+                    endpoint_url=settings.sts.endpoint_url,
+                    session_duration_seconds=settings.sts.session_duration_seconds,
+                    timeout_seconds=settings.sts.timeout_seconds,
+                )
+            )
+        cache = CredentialCache(source=source, clock=clock, policy=cache_policy(settings.cache))
+
+        hosts: frozenset[str] = frozenset()  # filled once the ports are bound
+        app = server.create_app(
+            verifier=verifier, directory=directory, cache=cache, hosts=lambda: hosts
+        )
+        credentials_runner = web.AppRunner(
+            app, access_log=None, max_field_size=config.MAX_HEADER_BYTES, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+        )
+        stack.push_async_callback(credentials_runner.cleanup)
+        bound = await _start_sites(credentials_runner, settings.server.listen)
+        hosts = server.allowed_hosts(bound)
+
+        metrics_app = server.create_metrics_app(ready=lambda: verifier.ready and directory.ready)
+        metrics_runner = web.AppRunner(metrics_app, access_log=None)
+        stack.push_async_callback(metrics_runner.cleanup)
+        (metrics_bound, *_) = await _start_sites(metrics_runner, (settings.server.metrics_listen,))
+
+        maintenance = asyncio.create_task(
+            cache.run(interval_seconds=config.MAINTENANCE_INTERVAL_SECONDS), name="cache maintenance"
+        )
+        daemon = RunningDaemon(
+            listen=bound, metrics_listen=metrics_bound, cache=cache, verifier=verifier, tasks=[maintenance]
+        )
+        log.info(
+            "serving credentials on %s, metrics on %s",
+            ", ".join(map(str, bound)), metrics_bound,
+            extra={"sts_endpoint": settings.sts.endpoint_url, "issuer": trust.issuer},
+        )
+        try:
+            yield daemon
+        finally:
+            for task in daemon.tasks:
+                task.cancel()
+            await asyncio.gather(*daemon.tasks, return_exceptions=True)
+
+
+async def serve(settings: config.Settings) -> int:
+    """Run until SIGTERM/SIGINT, or until a root task dies (then exit non-zero)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with running(settings) as daemon:
+        stopper = asyncio.create_task(stop.wait(), name="signal wait")
+        done, _ = await asyncio.wait([stopper, *daemon.tasks], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for task in done:
+            if task is not stopper:
+                log.error("task %r stopped: %r; shutting down", task.get_name(), task.exception() if not task.cancelled() else "cancelled")
+                return 1
+        log.info("stopping on signal")
+    return 0

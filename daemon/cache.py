@@ -1,0 +1,246 @@
+"""The credential cache: one STS exchange per identity, shared by every pod of it.
+
+Entries are keyed by `CacheKey` (role, issuer, subject, audience; DESIGN.md 6.2).
+The rules (DESIGN.md section 7):
+
+- single-flight: however many callers arrive together, one exchange per key; it
+  runs as its own task, so a caller that disconnects does not cancel it;
+- refresh ahead: at half the lifetime, jittered by +/- `refresh_jitter` of it, using
+  the freshest valid token seen for the key; only entries still in use;
+- serve floor: never answer with less than `serve_floor_seconds` left while a
+  refresh is possible; if STS is failing, keep serving the old credentials until
+  `stale_cutoff_seconds` before they expire (stale-if-error);
+- eviction: idle entries, entries whose STS answer was permanent, and the least
+  recently used when `max_entries` is reached.
+
+No I/O and no sleeping here beyond the `run()` loop: time comes from the injected
+clock, and `maintain()` does one pass, so tests drive the cache with a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from daemon import metrics
+from daemon.errors import StsDeniedError, StsError, StsUnavailableError
+from daemon.models import CacheKey, Clock, Credentials, CredentialSource, VerifiedToken
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    HIT = "hit"  # fresh credentials were in the cache
+    MISS = "miss"  # this caller started the exchange and waited for it
+    COALESCED = "coalesced"  # this caller joined an exchange already under way
+    STALE = "stale"  # under the serve floor, but STS is failing: old credentials, still valid
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachePolicy:
+    serve_floor_seconds: float = 960.0
+    refresh_jitter: float = 0.1
+    idle_evict_seconds: float = 3600.0
+    max_entries: int = 20_000
+    stale_cutoff_seconds: float = 60.0
+    retry_base_seconds: float = 5.0  # first background retry after a failed refresh
+    retry_max_seconds: float = 120.0
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: CacheKey
+    token: VerifiedToken | None
+    last_used: float
+    credentials: Credentials | None = None
+    exchange: asyncio.Task[Credentials] | None = None
+    refresh_at: float = math.inf
+    retry_at: float = 0.0  # after a failure, no new attempt while serving stale before this
+    failures: int = 0
+    evicted: bool = field(default=False)
+
+    def offer(self, token: VerifiedToken) -> None:
+        """Keep the freshest token: it is the one that can refresh furthest ahead."""
+        if self.token is None or token.expires_at > self.token.expires_at:
+            self.token = token
+
+    def usable_token(self, now: float) -> VerifiedToken | None:
+        if self.token is not None and self.token.expires_at <= now:
+            self.token = None  # an expired token is useless and is not kept (DESIGN.md 6.6)
+        return self.token
+
+
+class CredentialCache:
+    def __init__(
+        self,
+        *,
+        source: CredentialSource,
+        clock: Clock,
+        policy: CachePolicy,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._source = source
+        self._clock = clock
+        self._policy = policy
+        self._rng = rng or random.Random()
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return key in self._entries
+
+    async def get(self, key: CacheKey, token: VerifiedToken) -> tuple[Credentials, Outcome]:
+        """Credentials for `key`, exchanging `token` with STS only when nothing usable is cached."""
+        now = self._clock()
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._admit(key, token, now)
+        else:
+            self._entries.move_to_end(key)
+            entry.offer(token)
+        entry.last_used = now
+
+        cached = entry.credentials
+        if cached is not None and cached.remaining(now) > self._policy.serve_floor_seconds:
+            return cached, Outcome.HIT
+        if cached is not None and now < entry.retry_at and self._servable_stale(cached, now):
+            return cached, Outcome.STALE  # STS failed moments ago: do not hammer it
+
+        joined = entry.exchange is not None
+        exchange = entry.exchange or self._start_exchange(entry, token, now)
+        try:
+            # shield: a caller that goes away must not cancel the exchange others wait on.
+            fresh = await asyncio.shield(exchange)
+        except StsError as exc:
+            if not exc.permanent and cached is not None and self._servable_stale(cached, self._clock()):
+                return cached, Outcome.STALE
+            raise
+        return fresh, Outcome.COALESCED if joined else Outcome.MISS
+
+    def maintain(self) -> None:
+        """One pass: start due refreshes, evict what is idle or expired, update gauges."""
+        now = self._clock()
+        nearest = math.inf
+        for entry in list(self._entries.values()):
+            token = entry.usable_token(now)
+            cached = entry.credentials
+            if now - entry.last_used > self._policy.idle_evict_seconds:
+                self._evict(entry, "idle")
+                continue
+            if entry.exchange is None and token is None and (cached is None or cached.remaining(now) <= 0):
+                self._evict(entry, "expired")  # nothing to serve and nothing to refresh with
+                continue
+            if cached is not None:
+                nearest = min(nearest, cached.remaining(now))
+                if entry.exchange is None and token is not None and now >= max(entry.refresh_at, entry.retry_at):
+                    self._start_exchange(entry, token, now)
+        metrics.NEAREST_EXPIRY.set(0 if nearest == math.inf else max(nearest, 0))
+
+    async def run(self, *, interval_seconds: float) -> None:
+        """Maintain the cache until cancelled; then cancel exchanges still under way."""
+        try:
+            while True:
+                self.maintain()
+                await asyncio.sleep(interval_seconds)
+        finally:
+            for entry in self._entries.values():
+                if entry.exchange is not None:
+                    entry.exchange.cancel()
+
+    def _admit(self, key: CacheKey, token: VerifiedToken, now: float) -> _Entry:
+        while len(self._entries) >= self._policy.max_entries:
+            _, oldest = next(iter(self._entries.items()))
+            self._evict(oldest, "capacity")
+        entry = _Entry(key=key, token=token, last_used=now)
+        self._entries[key] = entry
+        metrics.CACHE_ENTRIES.set(len(self._entries))
+        return entry
+
+    def _evict(self, entry: _Entry, reason: str) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            metrics.EVICTIONS.labels(reason=reason).inc()
+            metrics.CACHE_ENTRIES.set(len(self._entries))
+            log.info("evicted %s (%s)", entry.key.subject, reason, extra={"role_arn": entry.key.role_arn, "reason": reason})
+        entry.evicted = True
+        entry.token = None  # the pod token goes with its entry (DESIGN.md 6.6)
+
+    def _servable_stale(self, credentials: Credentials, now: float) -> bool:
+        return credentials.remaining(now) > self._policy.stale_cutoff_seconds
+
+    def _start_exchange(self, entry: _Entry, token: VerifiedToken, now: float) -> asyncio.Task[Credentials]:
+        reason = "cold" if entry.credentials is None else "refresh"
+        task = asyncio.create_task(self._exchange(entry, token, reason), name=f"sts exchange for {entry.key.subject}")
+        task.add_done_callback(_consume_exception)
+        entry.exchange = task
+        return task
+
+    async def _exchange(self, entry: _Entry, token: VerifiedToken, reason: str) -> Credentials:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            credentials = await self._source.assume_role(role_arn=entry.key.role_arn, token=token)
+        except StsError as exc:
+            self._record_failure(entry, exc, reason, loop.time() - started)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an unexpected library error: fail this exchange only
+            log.exception("STS exchange for %s failed unexpectedly", entry.key.subject)
+            error = StsUnavailableError(f"STS exchange failed unexpectedly: {type(exc).__name__}")
+            self._record_failure(entry, error, reason, loop.time() - started)
+            raise error from exc
+        finally:
+            entry.exchange = None
+        now = self._clock()
+        elapsed = loop.time() - started
+        metrics.STS_CALLS.labels(reason=reason, result="success").inc()
+        metrics.STS_CALL_DURATION.labels(result="success").observe(elapsed)
+        entry.credentials = credentials
+        entry.failures = 0
+        entry.retry_at = 0.0
+        entry.refresh_at = self._refresh_time(credentials, now)
+        log.info(
+            "exchanged token for %s (%s) in %.3f s",
+            entry.key.subject, reason, elapsed,
+            extra={"role_arn": entry.key.role_arn, "reason": reason, "access_key_id": credentials.access_key_id,
+                   "expiration": credentials.to_container_response()["Expiration"]},
+        )
+        return credentials
+
+    def _record_failure(self, entry: _Entry, exc: StsError, reason: str, elapsed: float) -> None:
+        result = (
+            "denied" if isinstance(exc, StsDeniedError)
+            else "throttled" if exc.throttled
+            else "error"
+        )
+        metrics.STS_CALLS.labels(reason=reason, result=result).inc()
+        metrics.STS_CALL_DURATION.labels(result=result).observe(elapsed)
+        if reason == "refresh":
+            metrics.REFRESH_FAILURES.inc()
+        entry.failures += 1
+        backoff = min(self._policy.retry_max_seconds, self._policy.retry_base_seconds * 2 ** (entry.failures - 1))
+        entry.retry_at = self._clock() + self._rng.uniform(backoff / 2, backoff)
+        log.warning("STS exchange for %s failed (%s): %s", entry.key.subject, reason, exc.message,
+                    extra={"role_arn": entry.key.role_arn, "sts_code": exc.sts_code, "permanent": exc.permanent})
+        if exc.permanent:
+            self._evict(entry, "denied")
+
+    def _refresh_time(self, credentials: Credentials, now: float) -> float:
+        lifetime = max(credentials.remaining(now), 0.0)
+        jitter = self._rng.uniform(-self._policy.refresh_jitter, self._policy.refresh_jitter)
+        return now + lifetime * (0.5 + jitter)
+
+
+def _consume_exception(task: asyncio.Task[Credentials]) -> None:
+    # Waiters get the error through shield(); a refresh nobody waits on must not
+    # produce "Task exception was never retrieved".
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,315 @@
+"""Every setting of the daemon, its default and its unit, in one place.
+
+Each flag of `irsa-cache serve` can also come from the environment as
+`IRSA_CACHE_<FLAG_IN_UPPER_SNAKE>` (a flag on the command line wins). Values are
+validated when the settings are built, cross-field rules included, and every
+problem is reported on a line of its own. Only this module reads argv and the
+environment; components take keyword-only arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import ConfigError
+
+ENV_PREFIX = "IRSA_CACHE_"
+
+# Policy that operators do not tune: the SDK contract and STS's limits.
+STALE_CUTOFF_SECONDS = 60.0  # stop serving stale credentials this close to expiry
+TOKEN_LEEWAY_SECONDS = 60.0  # clock skew allowed on exp/nbf
+MAX_TOKEN_CHARS = 20_000  # STS rejects longer WebIdentityTokens
+MAX_HEADER_BYTES = 32 * 1024  # above MAX_TOKEN_CHARS, far below a memory concern
+STS_MIN_SESSION_SECONDS = 900
+STS_MAX_SESSION_SECONDS = 43_200
+JWKS_REFETCH_MIN_INTERVAL_SECONDS = 30.0  # unknown `kid`s cannot hammer the key source
+VERIFIED_TOKENS_MAX = 50_000  # verification results kept, by token digest
+MAINTENANCE_INTERVAL_SECONDS = 1.0  # how often the cache looks for due refreshes
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    listen: tuple[Address, ...]
+    metrics_listen: Address
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectorySettings:
+    kind: str  # "static" or "kubernetes"
+    static_config: Path | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StsSettings:
+    region: str
+    endpoint_url: str
+    session_duration_seconds: int
+    timeout_seconds: float  # per attempt; botocore's standard mode makes 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    serve_floor_seconds: float
+    refresh_jitter: float  # fraction of the lifetime, +/-
+    idle_evict_seconds: float
+    max_entries: int
+    stale_cutoff_seconds: float = STALE_CUTOFF_SECONDS
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    server: ServerSettings
+    directory: DirectorySettings
+    sts: StsSettings
+    cache: CacheSettings
+    log_level: str = "info"
+
+
+# --- value parsers: each raises ValueError with a message fit for the user ---
+
+
+def parse_address(text: str) -> Address:
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not HOST:PORT (IPv6 as [addr]:port)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    if match.group(1):
+        ipaddress.IPv6Address(host)  # raises ValueError naming the address
+    return Address(host, port)
+
+
+def parse_addresses(text: str) -> tuple[Address, ...]:
+    return tuple(parse_address(part) for part in text.split(",") if part.strip())
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (seconds, or with s/m/h: 90s, 16m, 1h)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise ValueError(f"{text!r} must be a positive whole number")
+    return int(text)
+
+
+def parse_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 <= value < 0.5:
+        raise ValueError(f"{text!r} must be at least 0 and below 0.5")
+    return value
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def parse_url(text: str) -> str:
+    if not re.match(r"https?://[^/\s]+", text):
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    return text.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag of `serve`: its parser, its default (as the user would type it), its help."""
+
+    flag: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    repeatable: bool = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("--listen", parse_address, "169.254.170.23:80", "credentials endpoint address; repeatable", repeatable=True, metavar="HOST:PORT"),
+    Option("--metrics-listen", parse_address, "0.0.0.0:9464", "metrics, /healthz and /readyz", metavar="HOST:PORT"),
+    Option("--directory", parse_choice("static", "kubernetes"), "static", "where roles and signing keys come from"),
+    Option("--static-config", Path, None, "YAML file of issuer, key set and subject-to-role rules (--directory static)", metavar="FILE"),
+    Option("--region", str, None, "AWS region of the STS endpoint (default: AWS_REGION, then AWS_DEFAULT_REGION)"),
+    Option("--sts-endpoint-url", parse_url, None, "STS endpoint (default: https://sts.<region>.amazonaws.com)", metavar="URL"),
+    Option("--session-duration", parse_duration, "3600", "DurationSeconds asked of STS (900..43200 s)", metavar="SECONDS"),
+    Option("--sts-timeout", parse_duration, "5", "timeout of one STS attempt", metavar="SECONDS"),
+    Option("--serve-floor", parse_duration, "960", "never serve credentials with less left while a refresh is possible", metavar="SECONDS"),
+    Option("--refresh-jitter", parse_fraction, "0.1", "refresh at half the lifetime +/- this fraction of it", metavar="FRACTION"),
+    Option("--idle-evict", parse_duration, "3600", "drop entries not requested for this long", metavar="SECONDS"),
+    Option("--max-entries", parse_positive_int, "20000", "bound on cached identities; the least recently used goes first", metavar="N"),
+    Option("--log-level", parse_choice("debug", "info", "warning", "error"), "info", "log level"),
+)
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    for option in SERVE_OPTIONS:
+        default = f" (default: {option.default})" if option.default is not None else ""
+        parser.add_argument(
+            option.flag,
+            dest=option.dest,
+            action="append" if option.repeatable else "store",
+            default=None,
+            metavar=option.metavar,
+            help=f"{option.help}{default}; env {option.env}",
+        )
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build validated Settings from parsed flags, then the environment, then defaults."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for option in SERVE_OPTIONS:
+        raw: str | Sequence[str] | None = getattr(args, option.dest, None)
+        source = option.flag
+        if raw is None and option.env in environ:
+            raw = environ[option.env]
+            source = option.env
+            if option.repeatable:
+                raw = [part for part in raw.split(",") if part.strip()]
+        if raw is None:
+            raw = option.default
+            if option.repeatable and raw is not None:
+                raw = [raw]
+        if raw is None:
+            values[option.dest] = None
+            continue
+        try:
+            if option.repeatable:
+                values[option.dest] = tuple(option.parse(item) for item in raw)
+            else:
+                values[option.dest] = option.parse(raw)  # type: ignore[arg-type]
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+            values[option.dest] = None
+    return _build(values, environ, problems)
+
+
+def _build(v: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> Settings:
+    """Cross-field rules; values that failed to parse are None and skip the rules they feed."""
+
+    region = v["region"] or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        problems.append("--region: required (or set AWS_REGION)")
+        region = ""
+    elif not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region):
+        problems.append(f"--region: {region!r} is not an AWS region name like eu-west-1")
+    endpoint = v["sts_endpoint_url"] or _regional_sts_endpoint(region)
+
+    session = v["session_duration"]
+    if session is not None and not STS_MIN_SESSION_SECONDS <= session <= STS_MAX_SESSION_SECONDS:
+        problems.append(f"--session-duration: {session:g} s is outside STS's {STS_MIN_SESSION_SECONDS}..{STS_MAX_SESSION_SECONDS} s")
+    floor, jitter = v["serve_floor"], v["refresh_jitter"]
+    if None not in (session, floor, jitter):
+        earliest_refresh_left = session * (0.5 - jitter)
+        if floor >= earliest_refresh_left:
+            problems.append(
+                f"--serve-floor: {floor:g} s must be below the time left at the latest refresh "
+                f"({earliest_refresh_left:g} s = session {session:g} s x (0.5 - jitter {jitter:g})), "
+                "or every request would wait for STS"
+            )
+        if floor <= STALE_CUTOFF_SECONDS:
+            problems.append(f"--serve-floor: {floor:g} s must be above the stale cutoff of {STALE_CUTOFF_SECONDS:g} s")
+    if v["sts_timeout"] is not None and v["sts_timeout"] <= 0:
+        problems.append("--sts-timeout: must be above 0")
+    if v["idle_evict"] is not None and v["idle_evict"] <= 0:
+        problems.append("--idle-evict: must be above 0")
+
+    if v["directory"] == "static":
+        path: Path | None = v["static_config"]
+        if path is None:
+            problems.append("--static-config: required with --directory static")
+        elif not path.is_file():
+            problems.append(f"--static-config: {path} is not a readable file")
+    elif v["directory"] == "kubernetes":
+        problems.append("--directory: kubernetes is not available in this version; use static")
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        server=ServerSettings(listen=v["listen"], metrics_listen=v["metrics_listen"]),
+        directory=DirectorySettings(kind=v["directory"], static_config=v["static_config"]),
+        sts=StsSettings(
+            region=region,
+            endpoint_url=endpoint,
+            session_duration_seconds=int(session),
+            timeout_seconds=v["sts_timeout"],
+        ),
+        cache=CacheSettings(
+            serve_floor_seconds=floor,
+            refresh_jitter=jitter,
+            idle_evict_seconds=v["idle_evict"],
+            max_entries=v["max_entries"],
+        ),
+        log_level=v["log_level"],
+    )
+
+
+def _regional_sts_endpoint(region: str) -> str:
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://sts.{region}.{suffix}"
+
+
+def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse `serve` flags alone: what tests and the manifest check use."""
+    parser = argparse.ArgumentParser(prog="irsa-cache serve")
+    add_serve_options(parser)
+    return settings_from(parser.parse_args(list(argv)), environ)
+
+
+__all__ = [
+    "Address",
+    "CacheSettings",
+    "DirectorySettings",
+    "ServerSettings",
+    "Settings",
+    "StsSettings",
+    "add_serve_options",
+    "parse_serve_args",
+    "settings_from",
+]

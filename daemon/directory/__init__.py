@@ -1,0 +1,1 @@
+"""Where roles come from: `base` defines the interface, one module per implementation."""

@@ -1,0 +1,36 @@
+"""What the server asks of a directory, whatever backs it.
+
+A directory answers two questions: which issuer and keys to trust (`Trust`), and
+which role a verified identity may use (`Directory.role_for`). The role comes from
+the directory, never from the request (DESIGN.md 6.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from daemon.models import Identity
+from daemon.tokens import KeySource
+
+DEFAULT_AUDIENCE = "sts.amazonaws.com"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trust:
+    """The token issuer to trust, the audience to require, and where its keys are."""
+
+    issuer: str
+    audience: str
+    key_source: KeySource
+
+
+class Directory(Protocol):
+    @property
+    def ready(self) -> bool:
+        """True once the directory can answer."""
+        ...
+
+    async def role_for(self, identity: Identity) -> str:
+        """The role ARN for this identity; raises IdentityNotAllowedError naming why not."""
+        ...

@@ -1,0 +1,124 @@
+"""A directory from a YAML file: for standalone hosts, any OIDC issuer, and the demo.
+
+    issuer: https://oidc.example.test/id/EXAMPLE
+    audience: sts.amazonaws.com        # default
+    jwks_file: jwks.json               # relative to this file; or jwks_url: https://...
+    identities:
+      - subject: system:serviceaccount:my-app:default
+        role_arn: arn:aws:iam::123456789012:role/MyAppS3ReadOnlyRole
+      - subject: "system:serviceaccount:batch:*"   # * matches any run of characters
+
+An exact subject wins over a pattern; among patterns, the first in the file wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon.directory.base import DEFAULT_AUDIENCE, Trust
+from daemon.errors import ConfigError, IdentityNotAllowedError
+from daemon.models import Identity
+from daemon.tokens import FileKeySource, UrlKeySource
+
+ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    subject: str
+    role_arn: str
+
+    @property
+    def is_pattern(self) -> bool:
+        return "*" in self.subject
+
+    def matches(self, subject: str) -> bool:
+        if not self.is_pattern:
+            return subject == self.subject
+        regex = ".*".join(re.escape(part) for part in self.subject.split("*"))
+        return re.fullmatch(regex, subject) is not None
+
+
+class StaticDirectory:
+    def __init__(self, rules: list[Rule], *, source: str) -> None:
+        self._exact = {rule.subject: rule.role_arn for rule in rules if not rule.is_pattern}
+        self._patterns = [rule for rule in rules if rule.is_pattern]
+        self._source = source
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def role_for(self, identity: Identity) -> str:
+        role = self._exact.get(identity.subject)
+        if role is not None:
+            return role
+        for rule in self._patterns:
+            if rule.matches(identity.subject):
+                return rule.role_arn
+        raise IdentityNotAllowedError(
+            f"no role is mapped to subject {identity.subject!r} in {self._source}", code="no_role"
+        )
+
+
+def load_static_config(path: Path) -> tuple[Trust, StaticDirectory]:
+    """Read and validate the file; every problem is reported, each on a line naming its field."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([f"static config {path}: cannot be read: {exc}"]) from None
+    problems: list[str] = []
+
+    def problem(where: str, what: str) -> None:
+        problems.append(f"static config {path}: {where}: {what}")
+
+    if not isinstance(document, dict):
+        raise ConfigError([f"static config {path}: must be a mapping with issuer, jwks_file or jwks_url, identities"])
+    issuer = document.get("issuer")
+    if not isinstance(issuer, str) or not issuer:
+        problem("issuer", "required, the `iss` your tokens carry")
+    audience = document.get("audience", DEFAULT_AUDIENCE)
+    if not isinstance(audience, str) or not audience:
+        problem("audience", "must be a non-empty string")
+
+    jwks_file, jwks_url = document.get("jwks_file"), document.get("jwks_url")
+    key_source: Any = None
+    if (jwks_file is None) == (jwks_url is None):
+        problem("jwks_file/jwks_url", "exactly one is required")
+    elif jwks_file is not None:
+        key_path = (path.parent / str(jwks_file)).resolve()
+        if not key_path.is_file():
+            problem("jwks_file", f"{key_path} is not a readable file")
+        key_source = FileKeySource(key_path)
+    else:
+        if not re.match(r"https?://", str(jwks_url)):
+            problem("jwks_url", f"{jwks_url!r} is not an http(s) URL")
+        key_source = UrlKeySource(str(jwks_url))
+
+    rules: list[Rule] = []
+    identities = document.get("identities")
+    if not isinstance(identities, list) or not identities:
+        problem("identities", "required, a list of {subject, role_arn}")
+        identities = []
+    for index, item in enumerate(identities):
+        where = f"identities[{index}]"
+        if not isinstance(item, dict):
+            problem(where, "must be a mapping with subject and role_arn")
+            continue
+        subject, role_arn = item.get("subject"), item.get("role_arn")
+        if not isinstance(subject, str) or not subject:
+            problem(f"{where}.subject", "required")
+        if not isinstance(role_arn, str) or not ROLE_ARN.fullmatch(role_arn):
+            problem(f"{where}.role_arn", f"{role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+        if isinstance(subject, str) and isinstance(role_arn, str):
+            rules.append(Rule(subject, role_arn))
+
+    if problems:
+        raise ConfigError(problems)
+    trust = Trust(issuer=issuer, audience=audience, key_source=key_source)
+    return trust, StaticDirectory(rules, source=f"static config {path}")

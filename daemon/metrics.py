@@ -1,0 +1,93 @@
+"""Every Prometheus metric the daemon exports, defined once (DESIGN.md section 8).
+
+Label values come from small fixed sets and are created up front so that series
+start at 0. Never a pod name, token or role as a label: role ARNs are unbounded.
+Call sites use `metrics.NAME`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+NAMESPACE = "irsa_cache"
+
+REQUEST_OUTCOMES = ("hit", "miss", "coalesced", "stale", "denied", "error")
+STS_REASONS = ("cold", "refresh")
+STS_RESULTS = ("success", "throttled", "denied", "error")
+EVICTION_REASONS = ("idle", "capacity", "expired", "denied")
+TOKEN_RESULTS = (
+    "valid", "cached", "malformed_token", "algorithm_not_allowed", "unknown_key",
+    "bad_signature", "wrong_issuer", "wrong_audience", "expired_token", "token_not_yet_valid",
+)
+
+# Latency buckets: the hot path answers in well under a millisecond, STS in tens to hundreds.
+_REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_STS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter(
+    "requests",
+    "Credential requests answered, by HTTP status code and outcome.",
+    ["code", "outcome"],
+    namespace=NAMESPACE,
+)
+REQUEST_DURATION = Histogram(
+    "request_duration_seconds",
+    "Time to answer a credential request, by outcome.",
+    ["outcome"],
+    namespace=NAMESPACE,
+    buckets=_REQUEST_BUCKETS,
+)
+STS_CALLS = Counter(
+    "sts_calls",
+    "AssumeRoleWithWebIdentity exchanges, by reason (cold: a caller waits; refresh: ahead of expiry) and result.",
+    ["reason", "result"],
+    namespace=NAMESPACE,
+)
+STS_CALL_DURATION = Histogram(
+    "sts_call_duration_seconds",
+    "Duration of AssumeRoleWithWebIdentity exchanges, retries included, by result.",
+    ["result"],
+    namespace=NAMESPACE,
+    buckets=_STS_BUCKETS,
+)
+CACHE_ENTRIES = Gauge("cache_entries", "Identities in the cache.", namespace=NAMESPACE)
+NEAREST_EXPIRY = Gauge(
+    "cache_nearest_expiry_seconds",
+    "Seconds until the soonest-expiring cached credentials expire (absent entries: 0).",
+    namespace=NAMESPACE,
+)
+REFRESH_FAILURES = Counter(
+    "refresh_failures", "Background refreshes that failed.", namespace=NAMESPACE
+)
+EVICTIONS = Counter(
+    "evictions", "Cache entries dropped, by reason.", ["reason"], namespace=NAMESPACE
+)
+TOKEN_VERIFICATIONS = Counter(
+    "token_verifications",
+    "Token verifications, by result (valid, cached, or the failed check).",
+    ["result"],
+    namespace=NAMESPACE,
+)
+KEY_SET_FETCHES = Counter(
+    "key_set_fetches", "Refetches of the signing key set on an unknown key id.", namespace=NAMESPACE
+)
+DIRECTORY_READY = Gauge(
+    "directory_ready", "1 when the directory and signing keys are loaded.", namespace=NAMESPACE
+)
+
+
+def _create_known_series() -> None:
+    for outcome in REQUEST_OUTCOMES:
+        REQUEST_DURATION.labels(outcome=outcome)
+    for reason in STS_REASONS:
+        for result in STS_RESULTS:
+            STS_CALLS.labels(reason=reason, result=result)
+    for result in STS_RESULTS:
+        STS_CALL_DURATION.labels(result=result)
+    for reason in EVICTION_REASONS:
+        EVICTIONS.labels(reason=reason)
+    for result in TOKEN_RESULTS:
+        TOKEN_VERIFICATIONS.labels(result=result)
+
+
+_create_known_series()

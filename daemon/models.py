@@ -1,0 +1,114 @@
+"""Values that flow from the request to STS and back, and the seams between parts.
+
+A leaf module: it imports nothing from the package, so every other module can
+depend on it. Values are frozen and check themselves when built; secrets are
+kept out of every repr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Protocol
+
+
+def fingerprint(token: str) -> str:
+    """A short SHA-256 fingerprint of a token: safe for logs, useless to an attacker."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """Who a verified token says the caller is."""
+
+    issuer: str
+    subject: str
+    audience: str
+    namespace: str | None = None
+    service_account: str | None = None
+    pod_name: str | None = None
+    pod_uid: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifiedToken:
+    """A token whose signature and claims checked out, with what it proves."""
+
+    identity: Identity
+    raw: str = field(repr=False)
+    expires_at: float  # epoch seconds, from the `exp` claim
+    fingerprint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheKey:
+    """What an entry of the cache is for (DESIGN.md 6.2).
+
+    Never the role alone: two identities may map to one role and only STS knows
+    whether the trust policy admits both. Never the raw token: that defeats sharing.
+    """
+
+    role_arn: str
+    issuer: str
+    subject: str
+    audience: str
+
+    @classmethod
+    def of(cls, role_arn: str, identity: Identity) -> CacheKey:
+        return cls(
+            role_arn=role_arn,
+            issuer=identity.issuer,
+            subject=identity.subject,
+            audience=identity.audience,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credentials:
+    """Temporary AWS credentials as STS issued them."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str = field(repr=False)
+    expiration: datetime
+    account_id: str
+    assumed_role_arn: str
+
+    def __post_init__(self) -> None:
+        if self.expiration.tzinfo is None:
+            raise ValueError("Credentials.expiration must carry a time zone")
+
+    @property
+    def expires_at(self) -> float:
+        return self.expiration.timestamp()
+
+    def remaining(self, now: float) -> float:
+        return self.expires_at - now
+
+    def to_container_response(self) -> dict[str, str]:
+        """The body every SDK's container provider parses (DESIGN.md section 2)."""
+        return {
+            "AccessKeyId": self.access_key_id,
+            "SecretAccessKey": self.secret_access_key,
+            "Token": self.session_token,
+            # The JS SDK rejects "+00:00" and zone-less times: always "...Z".
+            "Expiration": self.expiration.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "AccountId": self.account_id,
+        }
+
+
+class Clock(Protocol):
+    """Wall-clock time in epoch seconds; injected so tests can move it."""
+
+    def __call__(self) -> float: ...
+
+
+system_clock: Clock = time.time
+
+
+class CredentialSource(Protocol):
+    """Exchanges a web-identity token for credentials: STS in production, fakes in tests."""
+
+    async def assume_role(self, *, role_arn: str, token: VerifiedToken) -> Credentials: ...

@@ -1,0 +1,175 @@
+"""HTTP: the credentials endpoint, and the one place that maps failures to answers.
+
+    GET /v1/credentials   Authorization: <raw projected token>
+      -> Host check -> tokens.verify -> directory.role_for -> cache.get -> 200 JSON
+
+Every failure, ours or aiohttp's 404/405, leaves through `error_middleware` as the
+JSON body every SDK parses (DESIGN.md section 2), and is counted there. The metrics
+listener is a separate app: /metrics, /healthz, /readyz.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from daemon import metrics
+from daemon.cache import CredentialCache
+from daemon.config import MAX_TOKEN_CHARS, Address
+from daemon.directory.base import Directory
+from daemon.errors import (
+    DaemonError,
+    IdentityNotAllowedError,
+    OverloadedError,
+    RequestError,
+    StsError,
+    TokenError,
+    WrongHostError,
+)
+from daemon.models import CacheKey, VerifiedToken
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("irsa_cache.audit")
+
+CREDENTIALS_PATH = "/v1/credentials"
+
+
+class Verifier(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    async def verify(self, token: str) -> VerifiedToken: ...
+
+
+def allowed_hosts(addresses: Iterable[Address]) -> frozenset[str]:
+    """Host header values that name one of our listen addresses (DESIGN.md 6.7)."""
+    hosts: set[str] = set()
+    for address in addresses:
+        names = [f"[{address.host}]" if ":" in address.host else address.host]
+        if address.is_loopback:
+            names.append("localhost")
+        for name in names:
+            hosts.add(f"{name}:{address.port}".lower())
+            if address.port == 80:
+                hosts.add(name.lower())
+    return frozenset(hosts)
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    # Go reads either case, Java lower case, JS capitalised.
+    return {"code": code, "message": message, "Code": code, "Message": message}
+
+
+def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps(error_body(code, message)),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _outcome_of(error: DaemonError) -> str:
+    return "denied" if isinstance(error, (TokenError, IdentityNotAllowedError)) or error.status == 403 else "error"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(
+    *,
+    verifier: Verifier,
+    directory: Directory,
+    cache: CredentialCache,
+    hosts: Callable[[], frozenset[str]],
+) -> web.Application:
+    """The credentials app. `hosts` is read per request: ports bound as 0 are known only after start."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            host = request.headers.get("Host", "").lower()
+            if host not in hosts():
+                raise WrongHostError(f"Host {host!r} is not an address this daemon listens on")
+            response = await handler(request)
+            outcome = request.get("outcome", "error")
+        except DaemonError as exc:
+            outcome = _outcome_of(exc)
+            headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, OverloadedError) else None
+            response = error_response(exc.status, exc.code, exc.message, headers=headers)
+            log_failure(request, exc)
+        except web.HTTPException as exc:  # aiohttp's own 404 and 405
+            response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), f"{request.method} {request.path}: {exc.reason}")
+        except Exception:
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            response = error_response(500, "internal_error", "internal error; see the daemon's log")
+        metrics.REQUESTS.labels(code=str(response.status), outcome=outcome).inc()
+        metrics.REQUEST_DURATION.labels(outcome=outcome).observe(time.perf_counter() - started)
+        return response
+
+    async def get_credentials(request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization")
+        if not token:
+            raise TokenError(
+                "the Authorization header is missing; it must hold the token from AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                code="missing_token",
+            )
+        token = token.removeprefix("Bearer ").strip()
+        if len(token) > MAX_TOKEN_CHARS:
+            raise TokenError(f"the token is {len(token)} characters; STS accepts at most {MAX_TOKEN_CHARS}", code="token_too_long")
+        verified = await verifier.verify(token)
+        role_arn = await directory.role_for(verified.identity)
+        credentials, outcome = await cache.get(CacheKey.of(role_arn, verified.identity), verified)
+        request["outcome"] = outcome.value
+        audit.info(
+            "credentials issued",
+            extra={
+                "namespace": verified.identity.namespace,
+                "service_account": verified.identity.service_account,
+                "pod": verified.identity.pod_name,
+                "subject": verified.identity.subject,
+                "role_arn": role_arn,
+                "outcome": outcome.value,
+                "access_key_id": credentials.access_key_id,
+                "token_fingerprint": verified.fingerprint,
+            },
+        )
+        return web.json_response(credentials.to_container_response())
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get(CREDENTIALS_PATH, get_credentials)
+    return app
+
+
+def log_failure(request: web.Request, error: DaemonError) -> None:
+    extra = {"status": error.status, "code": error.code, "path": request.path}
+    if isinstance(error, StsError):
+        extra["sts_code"] = error.sts_code
+    level = logging.WARNING if error.status >= 500 or isinstance(error, (StsError, RequestError)) else logging.INFO
+    log.log(level, "request refused: %s", error.message, extra=extra)
+
+
+def create_metrics_app(*, ready: Callable[[], bool]) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        is_ready = ready()
+        metrics.DIRECTORY_READY.set(1 if is_ready else 0)
+        return web.Response(status=200 if is_ready else 503, text="ready\n" if is_ready else "not ready\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler())
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+

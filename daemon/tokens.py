@@ -1,0 +1,266 @@
+"""Token verification: from a raw projected service-account token to an Identity.
+
+PyJWT does the cryptography (signature by a trusted key, with an algorithm from
+the allow-list); the claims are checked here against the injected clock, so that
+each failure names its claim and tests can move time. Results are kept per token
+digest: the hot path does no RSA work for a token it has already seen, yet expiry
+is checked on every use (DESIGN.md 6.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import jwt
+
+from daemon import metrics
+from daemon.errors import TokenError
+from daemon.models import Clock, Identity, VerifiedToken, fingerprint
+
+log = logging.getLogger(__name__)
+
+# Asymmetric only: never `none`, never HMAC (an HMAC "signed" with our public key
+# would otherwise verify).
+ALLOWED_ALGORITHMS = ("RS256", "ES256", "ES384", "ES512")
+
+
+class KeySource(Protocol):
+    """Where the issuer's JSON Web Key Set comes from."""
+
+    description: str
+
+    async def fetch(self) -> Mapping[str, Any]: ...
+
+
+class FileKeySource:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = f"file {path}"
+
+    async def fetch(self) -> Mapping[str, Any]:
+        return json.loads(self.path.read_text())  # type: ignore[no-any-return]
+
+
+class UrlKeySource:
+    def __init__(self, url: str, *, timeout_seconds: float = 5.0) -> None:
+        self.url = url
+        self.description = f"URL {url}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+
+    async def fetch(self) -> Mapping[str, Any]:
+        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            async with session.get(self.url) as response:
+                response.raise_for_status()
+                return await response.json(content_type=None)  # type: ignore[no-any-return]
+
+
+def parse_key_set(document: Mapping[str, Any]) -> dict[str | None, jwt.PyJWK]:
+    """Keys by `kid`; keys we would never trust (HMAC, encryption, unknown types) are skipped."""
+    keys: dict[str | None, jwt.PyJWK] = {}
+    for raw in document.get("keys", []):
+        kid = raw.get("kid")
+        if raw.get("kty") == "oct" or raw.get("use", "sig") != "sig":
+            log.warning("skipping key %s: not an asymmetric signing key", kid)
+            continue
+        try:
+            key = jwt.PyJWK(raw)
+        except jwt.PyJWTError as exc:
+            log.warning("skipping key %s: %s", kid, exc)
+            continue
+        if key.algorithm_name not in ALLOWED_ALGORITHMS:
+            log.warning("skipping key %s: algorithm %s is not allowed", kid, key.algorithm_name)
+            continue
+        keys[kid] = key
+    return keys
+
+
+class TokenVerifier:
+    """Verifies tokens of one issuer and audience against a trusted key set."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        key_source: KeySource,
+        clock: Clock,
+        leeway_seconds: float,
+        refetch_min_interval_seconds: float,
+        max_verified: int,
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self._key_source = key_source
+        self._clock = clock
+        self._leeway = leeway_seconds
+        self._refetch_min_interval = refetch_min_interval_seconds
+        self._max_verified = max_verified
+        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._last_fetch: float | None = None
+        self._fetch_lock = asyncio.Lock()
+        self._verified: dict[bytes, VerifiedToken] = {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._keys)
+
+    async def load_keys(self) -> None:
+        """Fetch the key set now; raises if the source fails or holds no usable key."""
+        document = await self._key_source.fetch()
+        keys = parse_key_set(document)
+        self._last_fetch = self._clock()
+        if not keys:
+            raise ValueError(f"the key set from {self._key_source.description} has no usable signing key")
+        self._keys = keys
+        log.info("loaded %d signing keys from %s", len(keys), self._key_source.description)
+
+    async def verify(self, token: str) -> VerifiedToken:
+        digest = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        cached = self._verified.get(digest)
+        if cached is not None:
+            if now <= cached.expires_at + self._leeway:
+                metrics.TOKEN_VERIFICATIONS.labels(result="cached").inc()
+                return cached
+            del self._verified[digest]  # an expired token is forgotten (DESIGN.md 6.6)
+        try:
+            verified = await self._verify_uncached(token, now)
+        except TokenError as exc:
+            metrics.TOKEN_VERIFICATIONS.labels(result=exc.code).inc()
+            raise
+        metrics.TOKEN_VERIFICATIONS.labels(result="valid").inc()
+        self._remember(digest, verified, now)
+        return verified
+
+    async def _verify_uncached(self, token: str, now: float) -> VerifiedToken:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"the token is not a JWT: {exc}", code="malformed_token") from None
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise TokenError(
+                f"token algorithm {alg!r} is not allowed; expected one of {', '.join(ALLOWED_ALGORITHMS)}",
+                code="algorithm_not_allowed",
+            )
+        key = await self._key_for(header.get("kid"))
+        if key.algorithm_name != alg:
+            raise TokenError(
+                f"token says alg {alg} but key {header.get('kid')!r} is a {key.algorithm_name} key",
+                code="algorithm_not_allowed",
+            )
+        try:
+            claims = jwt.decode(
+                token,
+                key=key.key,
+                algorithms=[alg],
+                # Claims are checked below, against our clock, with messages of our own.
+                options={"verify_signature": True, "verify_exp": False, "verify_nbf": False,
+                         "verify_iat": False, "verify_aud": False, "verify_iss": False},
+            )
+        except jwt.InvalidSignatureError:
+            raise TokenError(
+                f"the token's signature does not verify with trusted key {header.get('kid')!r}",
+                code="bad_signature",
+            ) from None
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"the token cannot be decoded: {exc}", code="malformed_token") from None
+        return self._check_claims(claims, token, now)
+
+    async def _key_for(self, kid: str | None) -> jwt.PyJWK:
+        key = self._keys.get(kid)
+        if key is None and kid is None and len(self._keys) == 1:
+            key = next(iter(self._keys.values()))  # a lone key may be used without a kid
+        if key is None and await self._refetch_keys():
+            key = self._keys.get(kid)
+        if key is None:
+            known = ", ".join(sorted(repr(k) for k in self._keys)) or "none"
+            raise TokenError(
+                f"no trusted signing key has kid {kid!r} (known: {known})", code="unknown_key"
+            )
+        return key
+
+    async def _refetch_keys(self) -> bool:
+        """Refetch on an unknown kid, at most once per interval: a flood of bogus kids costs one fetch."""
+        async with self._fetch_lock:
+            now = self._clock()
+            if self._last_fetch is not None and now - self._last_fetch < self._refetch_min_interval:
+                return False
+            self._last_fetch = now
+            metrics.KEY_SET_FETCHES.inc()
+            try:
+                document = await self._key_source.fetch()
+            except Exception as exc:  # keep the keys we have; the next interval tries again
+                log.warning("refetching signing keys from %s failed: %s", self._key_source.description, exc)
+                return False
+            keys = parse_key_set(document)
+            if keys:
+                self._keys = keys
+            return True
+
+    def _check_claims(self, claims: Mapping[str, Any], token: str, now: float) -> VerifiedToken:
+        iss = claims.get("iss")
+        if iss is None:
+            raise TokenError("claim 'iss' is missing", code="wrong_issuer")
+        if iss != self.issuer:
+            raise TokenError(f"claim 'iss' is {iss!r}, expected {self.issuer!r}", code="wrong_issuer")
+
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else None
+        if not audiences:
+            raise TokenError(f"claim 'aud' is missing; expected {self.audience!r}", code="wrong_audience")
+        if self.audience not in audiences:
+            raise TokenError(
+                f"claim 'aud' is {audiences!r}, which does not include {self.audience!r}",
+                code="wrong_audience",
+            )
+
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)):
+            raise TokenError("claim 'exp' is missing or not a number", code="expired_token")
+        if now > exp + self._leeway:
+            raise TokenError(
+                f"the token expired at {_utc(exp)} ({now - exp:.0f} s ago)", code="expired_token"
+            )
+        nbf = claims.get("nbf")
+        if isinstance(nbf, (int, float)) and now + self._leeway < nbf:
+            raise TokenError(f"the token is not valid before {_utc(nbf)}", code="token_not_yet_valid")
+
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise TokenError("claim 'sub' is missing", code="malformed_token")
+
+        k8s = claims.get("kubernetes.io") or {}
+        pod = k8s.get("pod") or {}
+        service_account = k8s.get("serviceaccount") or {}
+        identity = Identity(
+            issuer=iss,
+            subject=sub,
+            audience=self.audience,
+            namespace=k8s.get("namespace"),
+            service_account=service_account.get("name"),
+            pod_name=pod.get("name"),
+            pod_uid=pod.get("uid"),
+        )
+        return VerifiedToken(identity=identity, raw=token, expires_at=float(exp), fingerprint=fingerprint(token))
+
+    def _remember(self, digest: bytes, verified: VerifiedToken, now: float) -> None:
+        if len(self._verified) >= self._max_verified:
+            for stale in [d for d, v in self._verified.items() if v.expires_at + self._leeway < now]:
+                del self._verified[stale]
+        if len(self._verified) >= self._max_verified:
+            for oldest in list(self._verified)[: self._max_verified // 4 or 1]:
+                del self._verified[oldest]
+        self._verified[digest] = verified
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
