@@ -66,13 +66,14 @@ def error_body(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message, "Code": code, "Message": message}
 
 
+def json_response(payload: dict[str, str], *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # Bytes, not text: the Content-Type stays exactly "application/json" (no charset),
+    # which is what the Go SDK checks before it parses an error body.
+    return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json", headers=headers)
+
+
 def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps(error_body(code, message)),
-        content_type="application/json",
-        headers=headers,
-    )
+    return json_response(error_body(code, message), status=status, headers=headers)
 
 
 def _outcome_of(error: DaemonError) -> str:
@@ -142,7 +143,7 @@ def create_app(
                 "token_fingerprint": verified.fingerprint,
             },
         )
-        return web.json_response(credentials.to_container_response())
+        return json_response(credentials.to_container_response())
 
     app = web.Application(middlewares=[error_middleware])
     app.router.add_get(CREDENTIALS_PATH, get_credentials)

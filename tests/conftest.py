@@ -1,0 +1,166 @@
+"""Shared fixtures: a real STS emulator (moto server) behind a recording proxy, an
+OIDC issuer with a fresh key, a fake clock, and daemons started on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+
+from daemon import app, config
+from daemon.embedded import DEMO_ACCOUNT, Issuer, MotoSts, write_token
+from daemon.models import Clock, CredentialSource, system_clock
+from tests.sts_double import StsDouble
+
+ROLE_A = f"arn:aws:iam::{DEMO_ACCOUNT}:role/app-a"
+ROLE_B = f"arn:aws:iam::{DEMO_ACCOUNT}:role/app-b"
+ROLE_BATCH = f"arn:aws:iam::{DEMO_ACCOUNT}:role/batch"
+SUBJECT_A = "system:serviceaccount:team-a:app"
+SUBJECT_B = "system:serviceaccount:team-b:app"
+DEFAULT_IDENTITIES = {
+    SUBJECT_A: ROLE_A,
+    SUBJECT_B: ROLE_B,
+    "system:serviceaccount:batch:*": ROLE_BATCH,
+}
+
+
+class FakeClock:
+    """Wall time that only moves when a test says so."""
+
+    def __init__(self, now: float = 1_900_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="session")
+def moto_sts() -> Iterator[MotoSts]:
+    with MotoSts() as sts:
+        yield sts
+
+
+@pytest.fixture(scope="session")
+def issuer() -> Issuer:
+    return Issuer()
+
+
+@pytest.fixture
+async def sts(moto_sts: MotoSts) -> AsyncIterator[StsDouble]:
+    double = await StsDouble(moto_sts.url).start()
+    yield double
+    await double.stop()
+
+
+StartDaemon = Callable[..., Awaitable[app.RunningDaemon]]
+
+
+def serve_args(static_config: Path, sts_url: str, *extra: str) -> list[str]:
+    return [
+        "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        "--static-config", str(static_config), "--region", "us-east-1",
+        "--sts-endpoint-url", sts_url, *extra,
+    ]
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path, issuer: Issuer, sts: StsDouble) -> AsyncIterator[StartDaemon]:
+    """Start in-process daemons (stopped at the end of the test) against the STS double."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(
+            *extra_args: str,
+            identities: dict[str, str] | None = None,
+            clock: Clock = system_clock,
+            source: CredentialSource | None = None,
+        ) -> app.RunningDaemon:
+            static_config = issuer.write_static_config(tmp_path, identities or DEFAULT_IDENTITIES)
+            settings = config.parse_serve_args(serve_args(static_config, sts.url, *extra_args), environ={})
+            return await stack.enter_async_context(app.running(settings, clock=clock, source=source))
+
+        yield start
+
+
+@pytest.fixture
+async def daemon(start_daemon: StartDaemon) -> app.RunningDaemon:
+    return await start_daemon()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+@dataclass
+class Answer:
+    status: int
+    content_type: str
+    body: dict[str, Any]
+    headers: Any
+
+
+async def fetch(
+    http: aiohttp.ClientSession, daemon: app.RunningDaemon, token: str | None, *,
+    host: str | None = None, path: str = "/v1/credentials", method: str = "GET",
+) -> Answer:
+    headers = {} if token is None else {"Authorization": token}
+    if host is not None:
+        headers["Host"] = host
+    url = f"http://{daemon.listen[0]}{path}"
+    async with http.request(method, url, headers=headers) as response:
+        text = await response.text()
+        return Answer(response.status, response.headers.get("Content-Type", ""), json.loads(text) if text else {}, response.headers)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def pod_environment(credentials_url: str, token_file: Path) -> dict[str, str]:
+    """What a pod's container sees: the two variables, and no other way to credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_CONTAINER_CREDENTIALS_FULL_URI=credentials_url,
+        AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=str(token_file),
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+CALLER_IDENTITY_SCRIPT = """
+import sys, boto3
+sts = boto3.client("sts", region_name="us-east-1", endpoint_url=sys.argv[1])
+print(sts.get_caller_identity()["Arn"])
+"""
+
+
+async def boto3_caller_identity(credentials_url: str, token_file: Path, sts_url: str) -> str:
+    """Run a real boto3 client in its own process, configured only by the environment."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CALLER_IDENTITY_SCRIPT, sts_url,
+        env=pod_environment(credentials_url, token_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode().strip()
+
+
+def token_file(tmp_path: Path, token: str, name: str = "token") -> Path:
+    return write_token(tmp_path / name, token)

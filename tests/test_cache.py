@@ -1,0 +1,289 @@
+"""The cache rules of DESIGN.md section 7, driven by a fake clock and a fake STS."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timezone
+
+import pytest
+
+from daemon.cache import CachePolicy, CredentialCache, Outcome
+from daemon.errors import StsDeniedError, StsError, StsUnavailableError
+from daemon.models import CacheKey, Credentials, Identity, VerifiedToken
+from tests.conftest import FakeClock, metric
+
+SESSION_SECONDS = 3600.0
+POLICY = CachePolicy(serve_floor_seconds=960, refresh_jitter=0.0, idle_evict_seconds=3600, max_entries=100)
+
+
+class FakeSource:
+    """Stands in for STS: records each exchange, can be held open or made to fail."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.calls: list[tuple[str, VerifiedToken]] = []
+        self.error: StsError | None = None
+        self.gate: asyncio.Event | None = None
+
+    async def assume_role(self, *, role_arn: str, token: VerifiedToken) -> Credentials:
+        self.calls.append((role_arn, token))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        n = len(self.calls)
+        return Credentials(
+            access_key_id=f"ASIA{n:016d}",
+            secret_access_key=f"secret-{n}",
+            session_token=f"session-{n}",
+            expiration=datetime.fromtimestamp(self.clock() + SESSION_SECONDS, timezone.utc),
+            account_id="123456789012",
+            assumed_role_arn=f"arn:aws:sts::123456789012:assumed-role/r/s{n}",
+        )
+
+
+def make_token(clock: FakeClock, subject: str = "system:serviceaccount:ns:app", *, lifetime: float = 86_400, tag: str = "") -> VerifiedToken:
+    identity = Identity(issuer="https://issuer.test", subject=subject, audience="sts.amazonaws.com")
+    return VerifiedToken(identity=identity, raw=f"token-{subject}-{lifetime}-{tag}", expires_at=clock() + lifetime, fingerprint="f")
+
+
+def key_for(token: VerifiedToken, role: str = "arn:aws:iam::123456789012:role/r") -> CacheKey:
+    return CacheKey.of(role, token.identity)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def source(clock: FakeClock) -> FakeSource:
+    return FakeSource(clock)
+
+
+def new_cache(source: FakeSource, clock: FakeClock, policy: CachePolicy = POLICY, seed: int = 7) -> CredentialCache:
+    return CredentialCache(source=source, clock=clock, policy=policy, rng=random.Random(seed))
+
+
+async def settle() -> None:
+    """Let tasks started by maintain() run to completion (the fake STS answers at once)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_one_exchange_for_many_concurrent_callers(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    source.gate = asyncio.Event()
+
+    waiting = [asyncio.create_task(cache.get(key_for(token), token)) for _ in range(100)]
+    await settle()
+    source.gate.set()
+    results = await asyncio.gather(*waiting)
+
+    assert len(source.calls) == 1
+    assert len({credentials.access_key_id for credentials, _ in results}) == 1
+    outcomes = [outcome for _, outcome in results]
+    assert outcomes.count(Outcome.MISS) == 1 and outcomes.count(Outcome.COALESCED) == 99
+    assert (await cache.get(key_for(token), token))[1] is Outcome.HIT
+
+
+async def test_a_caller_that_goes_away_does_not_cancel_the_exchange(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    source.gate = asyncio.Event()
+
+    impatient = asyncio.create_task(cache.get(key_for(token), token))
+    await settle()
+    impatient.cancel()
+    await asyncio.gather(impatient, return_exceptions=True)
+    source.gate.set()
+    await settle()
+
+    credentials, outcome = await cache.get(key_for(token), token)
+    assert outcome is Outcome.HIT
+    assert len(source.calls) == 1
+
+
+async def test_refresh_at_half_lifetime_with_the_freshest_token(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    old_token = make_token(clock, lifetime=7_200, tag="old")
+    first, _ = await cache.get(key_for(old_token), old_token)
+    newer_token = make_token(clock, lifetime=86_400, tag="new")
+    await cache.get(key_for(newer_token), newer_token)
+
+    clock.advance(SESSION_SECONDS / 2 - 1)
+    cache.maintain()
+    await settle()
+    assert len(source.calls) == 1
+
+    clock.advance(2)
+    cache.maintain()
+    await settle()
+    assert len(source.calls) == 2
+    assert source.calls[1][1] is newer_token
+    refreshed, outcome = await cache.get(key_for(old_token), old_token)
+    assert outcome is Outcome.HIT and refreshed.access_key_id != first.access_key_id
+    assert metric("irsa_cache_sts_calls_total", reason="refresh", result="success") >= 1
+
+
+async def test_jitter_spreads_refreshes_of_entries_created_together(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock, CachePolicy(refresh_jitter=0.1, max_entries=1000))
+    tokens = [make_token(clock, f"system:serviceaccount:ns:app-{n}") for n in range(200)]
+    for token in tokens:
+        await cache.get(key_for(token), token)
+
+    refreshed_by: dict[float, int] = {}
+    for elapsed in (1439, 1700, 1800, 1900, 2161):
+        clock.now = 1_900_000_000.0 + elapsed
+        cache.maintain()
+        await settle()
+        refreshed_by[elapsed] = len(source.calls) - 200
+
+    assert refreshed_by[1439] == 0  # nothing before half life minus 10 %
+    assert refreshed_by[2161] == 200  # everything by half life plus 10 %
+    assert 20 < refreshed_by[1700] < refreshed_by[1800] < refreshed_by[1900] < 180  # spread, not a wave
+
+
+async def test_below_the_serve_floor_a_caller_waits_for_fresh_credentials(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    first, _ = await cache.get(key_for(token), token)
+
+    clock.advance(SESSION_SECONDS - 959)  # 959 s left: under the 960 s floor, no maintain() ran
+    credentials, outcome = await cache.get(key_for(token), token)
+
+    assert credentials.access_key_id != first.access_key_id
+    assert credentials.remaining(clock()) > POLICY.serve_floor_seconds
+    assert outcome is Outcome.MISS
+
+
+async def test_stale_if_error_until_the_cutoff(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    first, _ = await cache.get(key_for(token), token)
+    source.error = StsUnavailableError("STS is down", sts_code="InternalFailure")
+
+    clock.advance(SESSION_SECONDS - 900)  # under the floor, STS failing
+    served, outcome = await cache.get(key_for(token), token)
+    assert (served.access_key_id, outcome) == (first.access_key_id, Outcome.STALE)
+    calls_after_failure = len(source.calls)
+
+    clock.advance(1)  # right after a failure, callers get stale credentials without a new STS call
+    assert (await cache.get(key_for(token), token))[1] is Outcome.STALE
+    assert len(source.calls) == calls_after_failure
+
+    clock.advance(900 - 1 - 59)  # 59 s left: below the cutoff, stale is no longer served
+    with pytest.raises(StsUnavailableError):
+        await cache.get(key_for(token), token)
+
+    source.error = None
+    credentials, outcome = await cache.get(key_for(token), token)
+    assert outcome is Outcome.MISS and credentials.remaining(clock()) > 3000
+
+
+async def test_failed_background_refresh_is_retried_with_backoff_not_every_tick(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    await cache.get(key_for(token), token)
+    source.error = StsUnavailableError("throttled", sts_code="Throttling", throttled=True)
+    failures_before = metric("irsa_cache_refresh_failures_total")
+
+    clock.advance(SESSION_SECONDS / 2)
+    for _ in range(3):  # three ticks one second apart: one attempt, then backoff
+        cache.maintain()
+        await settle()
+        clock.advance(1)
+    assert len(source.calls) == 2
+    assert metric("irsa_cache_refresh_failures_total") == failures_before + 1
+
+    clock.advance(POLICY.retry_base_seconds)
+    cache.maintain()
+    await settle()
+    assert len(source.calls) == 3
+
+
+async def test_a_permanent_denial_evicts_and_old_credentials_are_not_served(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    await cache.get(key_for(token), token)
+    source.error = StsDeniedError("trust policy no longer admits", sts_code="AccessDenied")
+    denied_before = metric("irsa_cache_evictions_total", reason="denied")
+
+    clock.advance(SESSION_SECONDS / 2)
+    cache.maintain()
+    await settle()
+
+    assert key_for(token) not in cache
+    assert metric("irsa_cache_evictions_total", reason="denied") == denied_before + 1
+    with pytest.raises(StsDeniedError):
+        await cache.get(key_for(token), token)
+
+
+async def test_idle_entries_are_evicted_not_refreshed(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock, CachePolicy(idle_evict_seconds=600, serve_floor_seconds=960))
+    token = make_token(clock)
+    await cache.get(key_for(token), token)
+    idle_before = metric("irsa_cache_evictions_total", reason="idle")
+
+    clock.advance(601)
+    cache.maintain()
+    await settle()
+
+    assert key_for(token) not in cache
+    assert len(source.calls) == 1
+    assert metric("irsa_cache_evictions_total", reason="idle") == idle_before + 1
+
+
+async def test_an_entry_in_use_keeps_being_refreshed(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    for _ in range(4):  # four half-lives, one request in each
+        await cache.get(key_for(token), token)
+        clock.advance(SESSION_SECONDS / 2 + 1)
+        cache.maintain()
+        await settle()
+    assert len(source.calls) == 5
+    assert (await cache.get(key_for(token), token))[1] is Outcome.HIT
+
+
+async def test_an_expired_token_is_dropped_and_never_used_to_refresh(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock, lifetime=600)
+    await cache.get(key_for(token), token)
+
+    clock.advance(SESSION_SECONDS / 2)  # due, but the only token expired at 600 s
+    cache.maintain()
+    await settle()
+    assert len(source.calls) == 1
+
+    clock.advance(SESSION_SECONDS / 2)  # credentials expired too: nothing left to serve
+    cache.maintain()
+    assert key_for(token) not in cache
+
+
+async def test_the_least_recently_used_entry_goes_when_full(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock, CachePolicy(max_entries=3))
+    tokens = [make_token(clock, f"system:serviceaccount:ns:app-{n}") for n in range(4)]
+    for token in tokens[:3]:
+        await cache.get(key_for(token), token)
+    await cache.get(key_for(tokens[0]), tokens[0])  # app-0 is now the most recent
+
+    await cache.get(key_for(tokens[3]), tokens[3])
+
+    assert len(cache) == 3
+    assert key_for(tokens[1]) not in cache
+    assert key_for(tokens[0]) in cache
+
+
+async def test_gauges_follow_the_entries(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    for n in range(3):
+        token = make_token(clock, f"system:serviceaccount:ns:gauge-{n}")
+        await cache.get(key_for(token), token)
+    clock.advance(100)
+    cache.maintain()
+
+    assert metric("irsa_cache_cache_entries") == 3
+    assert metric("irsa_cache_cache_nearest_expiry_seconds") == pytest.approx(SESSION_SECONDS - 100)
