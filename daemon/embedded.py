@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -128,10 +128,12 @@ class Background:
         self._env = env
         self._timeout = timeout_seconds
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
 
     def __enter__(self) -> Background:
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(self.argv, stdout=log, stderr=log, env=self._env)
+        self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
+        output = self._log or subprocess.DEVNULL
+        self.process = subprocess.Popen(self.argv, stdout=output, stderr=output, env=self._env)
         try:
             wait_until(self.ready_url, timeout_seconds=self._timeout, process=self.process)
         except BaseException:
@@ -147,6 +149,9 @@ class Background:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 class MotoSts(Background):

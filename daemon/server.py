@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("irsa_cache.audit")
 
 CREDENTIALS_PATH = "/v1/credentials"
+OUTCOME = web.RequestKey("outcome", str)  # set by the handler, counted by the middleware
 
 
 class Verifier(Protocol):
@@ -101,7 +102,7 @@ def create_app(
             if host not in hosts():
                 raise WrongHostError(f"Host {host!r} is not an address this daemon listens on")
             response = await handler(request)
-            outcome = request.get("outcome", "error")
+            outcome = request.get(OUTCOME, "error")
         except DaemonError as exc:
             outcome = _outcome_of(exc)
             headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, OverloadedError) else None
@@ -129,7 +130,7 @@ def create_app(
         verified = await verifier.verify(token)
         role_arn = await directory.role_for(verified.identity)
         credentials, outcome = await cache.get(CacheKey.of(role_arn, verified.identity), verified)
-        request["outcome"] = outcome.value
+        request[OUTCOME] = outcome.value
         audit.info(
             "credentials issued",
             extra={

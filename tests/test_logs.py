@@ -1,0 +1,66 @@
+"""What the daemon writes to its log: JSON lines, an audit line per credential
+issued, and never a secret or a token (DESIGN.md 6.5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from daemon.embedded import Background, Issuer, free_port
+from tests.conftest import ROLE_A, ROLE_B, SUBJECT_A, SUBJECT_B, boto3_caller_identity, serve_args, token_file
+from tests.sts_double import StsDouble
+
+
+async def test_a_full_run_logs_no_secret_and_no_token(
+    issuer: Issuer, sts: StsDouble, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    static_config = issuer.write_static_config(tmp_path, {SUBJECT_A: ROLE_A, SUBJECT_B: ROLE_B})
+    listen, metrics_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    argv = serve_args(static_config, sts.url, "--log-level", "debug")
+    argv[argv.index("--listen") + 1] = listen
+    argv[argv.index("--metrics-listen") + 1] = metrics_listen
+    log_path = tmp_path / "daemon.log"
+    url = f"http://{listen}/v1/credentials"
+    token = issuer.mint(SUBJECT_A, pod_name="app-7")
+    tampered = token[:-8] + ("A" * 8 if not token.endswith("A" * 8) else "B" * 8)
+    unmapped = issuer.mint("system:serviceaccount:other:app")
+    denied_token = issuer.mint(SUBJECT_B, pod_name="b-1")
+
+    daemon = Background([sys.executable, "-m", "daemon", "serve", *argv],
+                        ready_url=f"http://{metrics_listen}/readyz", log_path=log_path)
+    await asyncio.to_thread(daemon.__enter__)
+    try:
+        arn = await boto3_caller_identity(url, token_file(tmp_path, token), sts.url)
+        async with http.get(url, headers={"Authorization": token}) as response:
+            issued = await response.json()
+        for bad in (tampered, unmapped):
+            async with http.get(url, headers={"Authorization": bad}) as response:
+                assert response.status in (401, 403)
+        sts.fail_with("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity")
+        async with http.get(url, headers={"Authorization": denied_token}) as response:
+            assert response.status == 403
+    finally:
+        await asyncio.to_thread(daemon.__exit__)
+
+    text = log_path.read_text()
+    assert arn.endswith("assumed-role/app-a/team-a.app")
+    for secret in (issued["SecretAccessKey"], issued["Token"], token, tampered, unmapped, denied_token):
+        assert secret not in text
+    # Not even the signature part of a token, which is what makes it a credential.
+    assert token.rsplit(".", 1)[1] not in text
+
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is JSON
+    audit = [line for line in lines if line["logger"] == "irsa_cache.audit"]
+    assert len(audit) == 2  # the SDK's fetch and ours
+    assert {line["pod"] for line in audit} == {"app-7"}
+    assert {line["namespace"] for line in audit} == {"team-a"}
+    assert {line["role_arn"] for line in audit} == {ROLE_A}
+    assert {line["access_key_id"] for line in audit} == {issued["AccessKeyId"]}
+    assert [line["outcome"] for line in audit] == ["miss", "hit"]
+    assert all(len(line["token_fingerprint"]) == 12 for line in audit)
+    refusals = [line for line in lines if line["message"].startswith("request refused")]
+    assert {line["code"] for line in refusals} >= {"bad_signature", "no_role", "sts_denied"}
