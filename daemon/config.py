@@ -233,6 +233,13 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
 def _build(v: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> Settings:
     """Cross-field rules; values that failed to parse are None and skip the rules they feed."""
 
+    for address in v["listen"] or ():
+        if address.host in ("0.0.0.0", "::"):
+            problems.append(
+                f"--listen: {address} would offer credentials to the whole network; name the link-local "
+                "or loopback address pods use (DESIGN.md 6.7)"
+            )
+
     region = v["region"] or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
     if not region:
         problems.append("--region: required (or set AWS_REGION)")

@@ -231,7 +231,7 @@ def _print_try_it(out: Any, url: str, workdir: Path, issuer: Any, subject: str, 
         f"  export AWS_CONTAINER_CREDENTIALS_FULL_URI={url}\n"
         f"  export AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={token_file}\n"
         f"  export AWS_ENDPOINT_URL_STS={sts_url}   # the embedded STS: these credentials are moto's\n"
-        f"  export AWS_REGION={REGION}\n"
+        f"  export AWS_DEFAULT_REGION={REGION}\n"
         "  aws sts get-caller-identity\n",
         file=out, flush=True,
     )
