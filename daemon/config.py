@@ -204,6 +204,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, to name it in a problem
     for option in SERVE_OPTIONS:
         raw: str | Sequence[str] | None = getattr(args, option.dest, None)
         source = option.flag
@@ -212,6 +213,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
             source = option.env
             if option.repeatable:
                 raw = [part for part in raw.split(",") if part.strip()]
+        sources[option.dest] = source
         if raw is None:
             raw = option.default
             if option.repeatable and raw is not None:
@@ -227,54 +229,61 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         except ValueError as exc:
             problems.append(f"{source}: {exc}")
             values[option.dest] = None
-    return _build(values, environ, problems)
+    return _build(values, sources, environ, problems)
 
 
-def _build(v: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> Settings:
+def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], problems: list[str]) -> Settings:
     """Cross-field rules; values that failed to parse are None and skip the rules they feed."""
 
     for address in v["listen"] or ():
         if address.host in ("0.0.0.0", "::"):
             problems.append(
-                f"--listen: {address} would offer credentials to the whole network; name the link-local "
+                f"{src['listen']}: {address} would offer credentials to the whole network; name the link-local "
                 "or loopback address pods use (DESIGN.md 6.7)"
             )
 
-    region = v["region"] or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    region, region_source = v["region"], src["region"]
+    for fallback in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if not region and environ.get(fallback):
+            region, region_source = environ[fallback], fallback
     if not region:
         problems.append("--region: required (or set AWS_REGION)")
         region = ""
     elif not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region):
-        problems.append(f"--region: {region!r} is not an AWS region name like eu-west-1")
+        problems.append(f"{region_source}: {region!r} is not an AWS region name like eu-west-1")
     endpoint = v["sts_endpoint_url"] or _regional_sts_endpoint(region)
 
     session = v["session_duration"]
     if session is not None and not STS_MIN_SESSION_SECONDS <= session <= STS_MAX_SESSION_SECONDS:
-        problems.append(f"--session-duration: {session:g} s is outside STS's {STS_MIN_SESSION_SECONDS}..{STS_MAX_SESSION_SECONDS} s")
+        problems.append(
+            f"{src['session_duration']}: {session:g} s is outside STS's "
+            f"{STS_MIN_SESSION_SECONDS}..{STS_MAX_SESSION_SECONDS} s"
+        )
+        session = None  # the floor cannot be judged against a session STS would refuse
     floor, jitter = v["serve_floor"], v["refresh_jitter"]
     if None not in (session, floor, jitter):
         earliest_refresh_left = session * (0.5 - jitter)
         if floor >= earliest_refresh_left:
             problems.append(
-                f"--serve-floor: {floor:g} s must be below the time left at the latest refresh "
+                f"{src['serve_floor']}: {floor:g} s must be below the time left at the latest refresh "
                 f"({earliest_refresh_left:g} s = session {session:g} s x (0.5 - jitter {jitter:g})), "
                 "or every request would wait for STS"
             )
         if floor <= STALE_CUTOFF_SECONDS:
-            problems.append(f"--serve-floor: {floor:g} s must be above the stale cutoff of {STALE_CUTOFF_SECONDS:g} s")
+            problems.append(f"{src['serve_floor']}: {floor:g} s must be above the stale cutoff of {STALE_CUTOFF_SECONDS:g} s")
     if v["sts_timeout"] is not None and v["sts_timeout"] <= 0:
-        problems.append("--sts-timeout: must be above 0")
+        problems.append(f"{src['sts_timeout']}: must be above 0")
     if v["idle_evict"] is not None and v["idle_evict"] <= 0:
-        problems.append("--idle-evict: must be above 0")
+        problems.append(f"{src['idle_evict']}: must be above 0")
 
     if v["directory"] == "static":
         path: Path | None = v["static_config"]
         if path is None:
             problems.append("--static-config: required with --directory static")
         elif not path.is_file():
-            problems.append(f"--static-config: {path} is not a readable file")
+            problems.append(f"{src['static_config']}: {path} is not a readable file")
     elif v["directory"] == "kubernetes":
-        problems.append("--directory: kubernetes is not available in this version; use static")
+        problems.append(f"{src['directory']}: kubernetes is not available in this version; use static")
 
     if problems:
         raise ConfigError(problems)
@@ -284,7 +293,7 @@ def _build(v: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -
         sts=StsSettings(
             region=region,
             endpoint_url=endpoint,
-            session_duration_seconds=int(session),
+            session_duration_seconds=int(v["session_duration"]),
             timeout_seconds=v["sts_timeout"],
         ),
         cache=CacheSettings(

@@ -46,7 +46,7 @@ _PASSING_DENIALS = {"InvalidIdentityToken"}
 THROTTLING_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
 
 _SESSION_NAME_MAX = 64
-_SESSION_NAME_BAD_CHARS = re.compile(r"[^\w+=,.@-]")
+_SESSION_NAME_BAD_CHARS = re.compile(r"[^\w+=,.@-]", re.ASCII)  # STS takes ASCII only
 
 
 def session_name_for(subject: str) -> str:

@@ -25,7 +25,7 @@ from daemon.errors import ConfigError, IdentityNotAllowedError
 from daemon.models import Identity
 from daemon.tokens import FileKeySource, UrlKeySource
 
-ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
+ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Rule:
         if not self.is_pattern:
             return subject == self.subject
         regex = ".*".join(re.escape(part) for part in self.subject.split("*"))
-        return re.fullmatch(regex, subject) is not None
+        return re.fullmatch(regex, subject, re.DOTALL) is not None
 
 
 class StaticDirectory:
@@ -70,8 +70,13 @@ def load_static_config(path: Path) -> tuple[Trust, StaticDirectory]:
     """Read and validate the file; every problem is reported, each on a line naming its field."""
     try:
         document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError([f"static config {path}: cannot be read: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"static config {path}: cannot be read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError([f"static config {path}: not valid YAML{where}: {problem}"]) from None
     problems: list[str] = []
 
     def problem(where: str, what: str) -> None:
@@ -101,6 +106,7 @@ def load_static_config(path: Path) -> tuple[Trust, StaticDirectory]:
         key_source = UrlKeySource(str(jwks_url))
 
     rules: list[Rule] = []
+    first_seen: dict[str, int] = {}
     identities = document.get("identities")
     if not isinstance(identities, list) or not identities:
         problem("identities", "required, a list of {subject, role_arn}")
@@ -115,7 +121,10 @@ def load_static_config(path: Path) -> tuple[Trust, StaticDirectory]:
             problem(f"{where}.subject", "required")
         if not isinstance(role_arn, str) or not ROLE_ARN.fullmatch(role_arn):
             problem(f"{where}.role_arn", f"{role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-        if isinstance(subject, str) and isinstance(role_arn, str):
+        if isinstance(subject, str) and subject in first_seen:
+            problem(f"{where}.subject", f"{subject!r} is already mapped at identities[{first_seen[subject]}]")
+        elif isinstance(subject, str) and isinstance(role_arn, str):
+            first_seen[subject] = index
             rules.append(Rule(subject, role_arn))
 
     if problems:
