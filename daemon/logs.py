@@ -30,9 +30,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class WithoutRequestDetail(logging.Filter):
+    """aiohttp's protocol errors (an oversized header, say) quote the raw request in
+    their exception text; a token there would reach the log. Keep only the kind."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    logging.getLogger("aiohttp.server").addFilter(WithoutRequestDetail())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -108,8 +108,10 @@ def create_app(
             headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, OverloadedError) else None
             response = error_response(exc.status, exc.code, exc.message, headers=headers)
             log_failure(request, exc)
-        except web.HTTPException as exc:  # aiohttp's own 404 and 405
-            response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), f"{request.method} {request.path}: {exc.reason}")
+        except web.HTTPException as exc:  # aiohttp's own 404 and 405 (which carries Allow)
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            code = exc.reason.lower().replace(" ", "_")
+            response = error_response(exc.status, code, f"{request.method} {request.path}: {exc.reason}", headers=allow)
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
             response = error_response(500, "internal_error", "internal error; see the daemon's log")

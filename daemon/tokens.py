@@ -116,7 +116,6 @@ class TokenVerifier:
         """Fetch the key set now; raises if the source fails or holds no usable key."""
         document = await self._key_source.fetch()
         keys = parse_key_set(document)
-        self._last_fetch = self._clock()
         if not keys:
             raise ValueError(f"the key set from {self._key_source.description} has no usable signing key")
         self._keys = keys
@@ -238,17 +237,17 @@ class TokenVerifier:
         if not isinstance(sub, str) or not sub:
             raise TokenError("claim 'sub' is missing", code="malformed_token")
 
-        k8s = claims.get("kubernetes.io") or {}
-        pod = k8s.get("pod") or {}
-        service_account = k8s.get("serviceaccount") or {}
+        k8s = _object_claim(claims, "kubernetes.io")
+        pod = _object_claim(k8s, "pod", "kubernetes.io.pod")
+        service_account = _object_claim(k8s, "serviceaccount", "kubernetes.io.serviceaccount")
         identity = Identity(
             issuer=iss,
             subject=sub,
             audience=self.audience,
-            namespace=k8s.get("namespace"),
-            service_account=service_account.get("name"),
-            pod_name=pod.get("name"),
-            pod_uid=pod.get("uid"),
+            namespace=_string_claim(k8s, "namespace", "kubernetes.io.namespace"),
+            service_account=_string_claim(service_account, "name", "kubernetes.io.serviceaccount.name"),
+            pod_name=_string_claim(pod, "name", "kubernetes.io.pod.name"),
+            pod_uid=_string_claim(pod, "uid", "kubernetes.io.pod.uid"),
         )
         return VerifiedToken(identity=identity, raw=token, expires_at=float(exp), fingerprint=fingerprint(token))
 
@@ -260,6 +259,22 @@ class TokenVerifier:
             for oldest in list(self._verified)[: self._max_verified // 4 or 1]:
                 del self._verified[oldest]
         self._verified[digest] = verified
+
+
+def _object_claim(claims: Mapping[str, Any], name: str, path: str | None = None) -> Mapping[str, Any]:
+    value = claims.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TokenError(f"claim {path or name!r} is not an object", code="malformed_token")
+    return value
+
+
+def _string_claim(claims: Mapping[str, Any], name: str, path: str) -> str | None:
+    value = claims.get(name)
+    if value is not None and not isinstance(value, str):
+        raise TokenError(f"claim {path!r} is not a string", code="malformed_token")
+    return value
 
 
 def _utc(epoch: float) -> str:
