@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 import jwt
@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 # Asymmetric only: never `none`, never HMAC (an HMAC "signed" with our public key
 # would otherwise verify).
 ALLOWED_ALGORITHMS = ("RS256", "ES256", "ES384", "ES512")
+
+
+class _Proof(NamedTuple):
+    identity: Identity
+    expires_at: float
+    fingerprint: str
 
 
 class KeySource(Protocol):
@@ -106,7 +112,9 @@ class TokenVerifier:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._last_fetch: float | None = None
         self._fetch_lock = asyncio.Lock()
-        self._verified: dict[bytes, VerifiedToken] = {}
+        # What a token proved, by digest: never the token itself, which stays only with
+        # the cache entry that may need it to refresh (DESIGN.md 6.6).
+        self._verified: dict[bytes, _Proof] = {}
 
     @property
     def ready(self) -> bool:
@@ -124,12 +132,13 @@ class TokenVerifier:
     async def verify(self, token: str) -> VerifiedToken:
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
-        cached = self._verified.get(digest)
-        if cached is not None:
-            if now <= cached.expires_at + self._leeway:
+        proof = self._verified.get(digest)
+        if proof is not None:
+            if now <= proof.expires_at + self._leeway:
                 metrics.TOKEN_VERIFICATIONS.labels(result="cached").inc()
-                return cached
-            del self._verified[digest]  # an expired token is forgotten (DESIGN.md 6.6)
+                return VerifiedToken(identity=proof.identity, raw=token, expires_at=proof.expires_at,
+                                     fingerprint=proof.fingerprint)
+            del self._verified[digest]  # an expired token is forgotten
         try:
             verified = await self._verify_uncached(token, now)
         except TokenError as exc:
@@ -258,7 +267,7 @@ class TokenVerifier:
         if len(self._verified) >= self._max_verified:
             for oldest in list(self._verified)[: self._max_verified // 4 or 1]:
                 del self._verified[oldest]
-        self._verified[digest] = verified
+        self._verified[digest] = _Proof(verified.identity, verified.expires_at, verified.fingerprint)
 
 
 def _object_claim(claims: Mapping[str, Any], name: str, path: str | None = None) -> Mapping[str, Any]:

@@ -666,6 +666,19 @@ async def test_a_refused_token_is_not_cached(verifier: TokenVerifier, issuer: Is
     assert (await verifier.verify(token)).identity.subject == SUBJECT
 
 
+async def test_the_verification_cache_keeps_what_a_token_proved_not_the_token(
+    verifier: TokenVerifier, issuer: Issuer, clock: FakeClock
+) -> None:
+    # DESIGN.md 6.6: the raw token lives only with the cache entry that may refresh with it.
+    token = issuer.mint(SUBJECT, now=clock())
+    first = await verifier.verify(token)
+    again = await verifier.verify(token)
+
+    assert again.raw == token and again.identity == first.identity
+    remembered = repr(list(verifier._verified.values()))
+    assert SUBJECT in remembered and token not in remembered and token.split(".")[2] not in remembered
+
+
 async def test_the_cache_is_keyed_by_the_whole_token(verifier: TokenVerifier, issuer: Issuer, clock: FakeClock) -> None:
     token = issuer.mint(SUBJECT, now=clock())
     await verifier.verify(token)
