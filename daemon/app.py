@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from daemon import config, server, sts
+from daemon import config, limiter, server, sts
 from daemon.cache import CachePolicy, CredentialCache
 from daemon.directory.base import Directory, Trust
 from daemon.directory.static import load_static_config
@@ -57,7 +57,24 @@ def cache_policy(settings: config.CacheSettings) -> CachePolicy:
         idle_evict_seconds=settings.idle_evict_seconds,
         max_entries=settings.max_entries,
         stale_cutoff_seconds=settings.stale_cutoff_seconds,
+        request_hold_seconds=settings.request_hold_seconds,
     )
+
+
+def budgeted(source: CredentialSource, settings: config.StsSettings) -> limiter.BudgetedSource:
+    budget = limiter.StsBudget(
+        limiter.BudgetPolicy(
+            rate_per_second=settings.rate_per_second,
+            burst=settings.burst,
+            concurrency=settings.concurrency,
+            max_queued=settings.max_queued,
+            min_rate_per_second=config.STS_MIN_RATE_PER_SECOND,
+        )
+    )
+    retry = limiter.RetryPolicy(
+        max_attempts=config.STS_MAX_ATTEMPTS, deadline_seconds=config.STS_EXCHANGE_DEADLINE_SECONDS
+    )
+    return limiter.BudgetedSource(source=source, budget=budget, retry=retry)
 
 
 async def _start_sites(runner: web.AppRunner, addresses: tuple[config.Address, ...]) -> list[config.Address]:
@@ -100,7 +117,9 @@ async def running(
                     timeout_seconds=settings.sts.timeout_seconds,
                 )
             )
-        cache = CredentialCache(source=source, clock=clock, policy=cache_policy(settings.cache))
+        cache = CredentialCache(
+            source=budgeted(source, settings.sts), clock=clock, policy=cache_policy(settings.cache)
+        )
 
         hosts: frozenset[str] = frozenset()  # filled once the ports are bound
         app = server.create_app(

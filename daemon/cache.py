@@ -4,7 +4,9 @@ Entries are keyed by `CacheKey` (role, issuer, subject, audience; DESIGN.md 6.2)
 The rules (DESIGN.md section 7):
 
 - single-flight: however many callers arrive together, one exchange per key; it
-  runs as its own task, so a caller that disconnects does not cancel it;
+  runs as its own task, so a caller that disconnects does not cancel it, and a
+  caller waits for it at most `request_hold_seconds` (then 503 with Retry-After;
+  the exchange runs on and its result serves the retry);
 - refresh ahead: at half the lifetime, jittered by +/- `refresh_jitter` of it, using
   the freshest valid token seen for the key; only entries still in use;
 - serve floor: never answer with less than `serve_floor_seconds` left while a
@@ -28,8 +30,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from daemon import metrics
-from daemon.errors import StsDeniedError, StsError, StsUnavailableError
-from daemon.models import CacheKey, Clock, Credentials, CredentialSource, VerifiedToken
+from daemon.errors import DaemonError, OverloadedError, StsError, StsUnavailableError
+from daemon.models import CacheKey, Clock, Credentials, ExchangeSource, Priority, Ticket, VerifiedToken
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class CachePolicy:
     idle_evict_seconds: float = 3600.0
     max_entries: int = 20_000
     stale_cutoff_seconds: float = 60.0
+    request_hold_seconds: float = 1.5
     retry_base_seconds: float = 5.0  # first background retry after a failed refresh
     retry_max_seconds: float = 120.0
 
@@ -59,6 +62,7 @@ class _Entry:
     last_used: float
     credentials: Credentials | None = None
     exchange: asyncio.Task[Credentials] | None = None
+    ticket: Ticket | None = None  # the exchange's place in the STS budget
     refresh_at: float = math.inf
     retry_at: float = 0.0  # after a failure, no new attempt while serving stale before this
     failures: int = 0
@@ -79,7 +83,7 @@ class CredentialCache:
     def __init__(
         self,
         *,
-        source: CredentialSource,
+        source: ExchangeSource,
         clock: Clock,
         policy: CachePolicy,
         rng: random.Random | None = None,
@@ -114,12 +118,20 @@ class CredentialCache:
             return cached, Outcome.STALE  # STS failed moments ago: do not hammer it
 
         joined = entry.exchange is not None
-        exchange = entry.exchange or self._start_exchange(entry, token, now)
+        exchange = entry.exchange or self._start_exchange(entry, token, Priority.CALLER)
+        ticket = entry.ticket
+        if joined and ticket is not None:
+            self._source.promote(ticket)  # a refresh nobody waited for now has a caller
         try:
-            # shield: a caller that goes away must not cancel the exchange others wait on.
-            fresh = await asyncio.shield(exchange)
-        except StsError as exc:
-            if not exc.permanent and cached is not None and self._servable_stale(cached, self._clock()):
+            # shield: neither a caller that goes away nor one that stops waiting may
+            # cancel the exchange; its result lands in the cache for the next request.
+            fresh = await asyncio.wait_for(asyncio.shield(exchange), self._policy.request_hold_seconds)
+        except TimeoutError:
+            if cached is not None and self._servable_stale(cached, self._clock()):
+                return cached, Outcome.STALE
+            raise OverloadedError(self._still_waiting(ticket), retry_after_seconds=1) from None
+        except (StsError, OverloadedError) as exc:
+            if not _permanent(exc) and cached is not None and self._servable_stale(cached, self._clock()):
                 return cached, Outcome.STALE
             raise
         return fresh, Outcome.COALESCED if joined else Outcome.MISS
@@ -140,7 +152,7 @@ class CredentialCache:
             if cached is not None:
                 nearest = min(nearest, cached.remaining(now))
                 if entry.exchange is None and token is not None and now >= max(entry.refresh_at, entry.retry_at):
-                    self._start_exchange(entry, token, now)
+                    self._start_exchange(entry, token, Priority.REFRESH)
         metrics.NEAREST_EXPIRY.set(0 if nearest == math.inf else max(nearest, 0))
 
     async def run(self, *, interval_seconds: float) -> None:
@@ -175,34 +187,49 @@ class CredentialCache:
     def _servable_stale(self, credentials: Credentials, now: float) -> bool:
         return credentials.remaining(now) > self._policy.stale_cutoff_seconds
 
-    def _start_exchange(self, entry: _Entry, token: VerifiedToken, now: float) -> asyncio.Task[Credentials]:
+    def _still_waiting(self, ticket: Ticket | None) -> str:
+        if ticket is not None and ticket.queued:
+            return (
+                f"the STS exchange for this identity is queued behind the node's STS budget; it goes on "
+                f"without you, retry in a second (waited {self._policy.request_hold_seconds:g} s)"
+            )
+        return (
+            f"STS has not answered within {self._policy.request_hold_seconds:g} s; the exchange goes on "
+            "without you, retry in a second"
+        )
+
+    def _start_exchange(self, entry: _Entry, token: VerifiedToken, priority: Priority) -> asyncio.Task[Credentials]:
         reason = "cold" if entry.credentials is None else "refresh"
-        task = asyncio.create_task(self._exchange(entry, token, reason), name=f"sts exchange for {entry.key.subject}")
+        entry.ticket = Ticket(priority)
+        task = asyncio.create_task(
+            self._exchange(entry, token, reason, entry.ticket), name=f"sts exchange for {entry.key.subject}"
+        )
         task.add_done_callback(_consume_exception)
         entry.exchange = task
         return task
 
-    async def _exchange(self, entry: _Entry, token: VerifiedToken, reason: str) -> Credentials:
+    async def _exchange(self, entry: _Entry, token: VerifiedToken, reason: str, ticket: Ticket) -> Credentials:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            credentials = await self._source.assume_role(role_arn=entry.key.role_arn, token=token)
-        except StsError as exc:
-            self._record_failure(entry, exc, reason, loop.time() - started)
+            credentials = await self._source.assume_role(
+                role_arn=entry.key.role_arn, token=token, reason=reason, ticket=ticket
+            )
+        except (StsError, OverloadedError) as exc:
+            self._record_failure(entry, exc, reason)
             raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or an unexpected library error: fail this exchange only
             log.exception("STS exchange for %s failed unexpectedly", entry.key.subject)
             error = StsUnavailableError(f"STS exchange failed unexpectedly: {type(exc).__name__}")
-            self._record_failure(entry, error, reason, loop.time() - started)
+            self._record_failure(entry, error, reason)
             raise error from exc
         finally:
             entry.exchange = None
+            entry.ticket = None
         now = self._clock()
         elapsed = loop.time() - started
-        metrics.STS_CALLS.labels(reason=reason, result="success").inc()
-        metrics.STS_CALL_DURATION.labels(result="success").observe(elapsed)
         entry.credentials = credentials
         entry.failures = 0
         entry.retry_at = 0.0
@@ -215,28 +242,26 @@ class CredentialCache:
         )
         return credentials
 
-    def _record_failure(self, entry: _Entry, exc: StsError, reason: str, elapsed: float) -> None:
-        result = (
-            "denied" if isinstance(exc, StsDeniedError)
-            else "throttled" if exc.throttled
-            else "error"
-        )
-        metrics.STS_CALLS.labels(reason=reason, result=result).inc()
-        metrics.STS_CALL_DURATION.labels(result=result).observe(elapsed)
+    def _record_failure(self, entry: _Entry, exc: DaemonError, reason: str) -> None:
         if reason == "refresh":
             metrics.REFRESH_FAILURES.inc()
         entry.failures += 1
         backoff = min(self._policy.retry_max_seconds, self._policy.retry_base_seconds * 2 ** (entry.failures - 1))
         entry.retry_at = self._clock() + self._rng.uniform(backoff / 2, backoff)
         log.warning("STS exchange for %s failed (%s): %s", entry.key.subject, reason, exc.message,
-                    extra={"role_arn": entry.key.role_arn, "sts_code": exc.sts_code, "permanent": exc.permanent})
-        if exc.permanent:
+                    extra={"role_arn": entry.key.role_arn, "sts_code": getattr(exc, "sts_code", None),
+                           "permanent": _permanent(exc)})
+        if _permanent(exc):
             self._evict(entry, "denied")
 
     def _refresh_time(self, credentials: Credentials, now: float) -> float:
         lifetime = max(credentials.remaining(now), 0.0)
         jitter = self._rng.uniform(-self._policy.refresh_jitter, self._policy.refresh_jitter)
         return now + lifetime * (0.5 + jitter)
+
+
+def _permanent(error: DaemonError) -> bool:
+    return isinstance(error, StsError) and error.permanent
 
 
 def _consume_exception(task: asyncio.Task[Credentials]) -> None:

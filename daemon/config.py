@@ -32,6 +32,9 @@ STS_MAX_SESSION_SECONDS = 43_200
 JWKS_REFETCH_MIN_INTERVAL_SECONDS = 30.0  # unknown `kid`s cannot hammer the key source
 VERIFIED_TOKENS_MAX = 50_000  # verification results kept, by token digest
 MAINTENANCE_INTERVAL_SECONDS = 1.0  # how often the cache looks for due refreshes
+STS_MIN_RATE_PER_SECOND = 0.5  # throttling never cuts the budget below this
+STS_MAX_ATTEMPTS = 5  # per exchange, for passing failures
+STS_EXCHANGE_DEADLINE_SECONDS = 30.0  # an exchange gives up after this, retries included
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,11 @@ class StsSettings:
     region: str
     endpoint_url: str
     session_duration_seconds: int
-    timeout_seconds: float  # per attempt; botocore's standard mode makes 3
+    timeout_seconds: float  # per attempt
+    rate_per_second: float
+    burst: int
+    concurrency: int
+    max_queued: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +83,7 @@ class CacheSettings:
     refresh_jitter: float  # fraction of the lifetime, +/-
     idle_evict_seconds: float
     max_entries: int
+    request_hold_seconds: float
     stale_cutoff_seconds: float = STALE_CUTOFF_SECONDS
 
 
@@ -122,6 +130,16 @@ def parse_positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) <= 0:
         raise ValueError(f"{text!r} must be a positive whole number")
     return int(text)
+
+
+def parse_positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{text!r} must be above 0")
+    return value
 
 
 def parse_fraction(text: str) -> float:
@@ -180,6 +198,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--sts-timeout", parse_duration, "5", "timeout of one STS attempt", metavar="SECONDS"),
     Option("--serve-floor", parse_duration, "960", "never serve credentials with less left while a refresh is possible", metavar="SECONDS"),
     Option("--refresh-jitter", parse_fraction, "0.1", "refresh at half the lifetime +/- this fraction of it", metavar="FRACTION"),
+    Option("--request-hold", parse_duration, "1.5", "a caller waits at most this for an STS exchange, then gets 503 + Retry-After", metavar="SECONDS"),
+    Option("--sts-rate", parse_positive_float, "10", "STS calls per second from this node, retries included", metavar="PER_SECOND"),
+    Option("--sts-burst", parse_positive_int, "20", "STS calls allowed at once above the rate", metavar="N"),
+    Option("--sts-concurrency", parse_positive_int, "8", "STS calls in flight at once", metavar="N"),
+    Option("--sts-queue", parse_positive_int, "500", "exchanges that may wait for the budget; past it, 503 at once", metavar="N"),
     Option("--idle-evict", parse_duration, "3600", "drop entries not requested for this long", metavar="SECONDS"),
     Option("--max-entries", parse_positive_int, "20000", "bound on cached identities; the least recently used goes first", metavar="N"),
     Option("--log-level", parse_choice("debug", "info", "warning", "error"), "info", "log level"),
@@ -273,6 +296,8 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
             problems.append(f"{src['serve_floor']}: {floor:g} s must be above the stale cutoff of {STALE_CUTOFF_SECONDS:g} s")
     if v["sts_timeout"] is not None and v["sts_timeout"] <= 0:
         problems.append(f"{src['sts_timeout']}: must be above 0")
+    if v["request_hold"] is not None and v["request_hold"] <= 0:
+        problems.append(f"{src['request_hold']}: must be above 0")
     if v["idle_evict"] is not None and v["idle_evict"] <= 0:
         problems.append(f"{src['idle_evict']}: must be above 0")
 
@@ -295,12 +320,17 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
             endpoint_url=endpoint,
             session_duration_seconds=int(v["session_duration"]),
             timeout_seconds=v["sts_timeout"],
+            rate_per_second=v["sts_rate"],
+            burst=v["sts_burst"],
+            concurrency=v["sts_concurrency"],
+            max_queued=v["sts_queue"],
         ),
         cache=CacheSettings(
             serve_floor_seconds=floor,
             refresh_jitter=jitter,
             idle_evict_seconds=v["idle_evict"],
             max_entries=v["max_entries"],
+            request_hold_seconds=v["request_hold"],
         ),
         log_level=v["log_level"],
     )

@@ -11,7 +11,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 NAMESPACE = "irsa_cache"
 
-REQUEST_OUTCOMES = ("hit", "miss", "coalesced", "stale", "denied", "error")
+REQUEST_OUTCOMES = ("hit", "miss", "coalesced", "stale", "denied", "overloaded", "error")
+PRIORITIES = ("caller", "refresh")
 STS_REASONS = ("cold", "refresh")
 STS_RESULTS = ("success", "throttled", "denied", "error")
 EVICTION_REASONS = ("idle", "capacity", "expired", "denied")
@@ -39,13 +40,13 @@ REQUEST_DURATION = Histogram(
 )
 STS_CALLS = Counter(
     "sts_calls",
-    "AssumeRoleWithWebIdentity exchanges, by reason (cold: a caller waits; refresh: ahead of expiry) and result.",
+    "AssumeRoleWithWebIdentity calls (every attempt), by reason (cold: no credentials yet; refresh) and result.",
     ["reason", "result"],
     namespace=NAMESPACE,
 )
 STS_CALL_DURATION = Histogram(
     "sts_call_duration_seconds",
-    "Duration of AssumeRoleWithWebIdentity exchanges, retries included, by result.",
+    "Duration of one AssumeRoleWithWebIdentity call, by result.",
     ["result"],
     namespace=NAMESPACE,
     buckets=_STS_BUCKETS,
@@ -71,6 +72,27 @@ TOKEN_VERIFICATIONS = Counter(
 KEY_SET_FETCHES = Counter(
     "key_set_fetches", "Refetches of the signing key set on an unknown key id.", namespace=NAMESPACE
 )
+STS_BUDGET_RATE = Gauge(
+    "sts_budget_rate",
+    "Current STS budget in calls per second: the configured rate, less while recovering from throttling.",
+    namespace=NAMESPACE,
+)
+STS_WAITING = Gauge(
+    "sts_waiting",
+    "Exchanges waiting for the STS budget, by priority (caller: a pod waits; refresh: ahead of expiry).",
+    ["priority"],
+    namespace=NAMESPACE,
+)
+STS_BUDGET_WAIT = Histogram(
+    "sts_budget_wait_seconds",
+    "Time an STS attempt waited for the budget, by priority.",
+    ["priority"],
+    namespace=NAMESPACE,
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+STS_RETRIES = Counter(
+    "sts_retries", "STS attempts retried after a passing failure, by reason.", ["reason"], namespace=NAMESPACE
+)
 DIRECTORY_READY = Gauge(
     "directory_ready", "1 when the directory and signing keys are loaded.", namespace=NAMESPACE
 )
@@ -84,6 +106,11 @@ def _create_known_series() -> None:
             STS_CALLS.labels(reason=reason, result=result)
     for result in STS_RESULTS:
         STS_CALL_DURATION.labels(result=result)
+    for priority in PRIORITIES:
+        STS_WAITING.labels(priority=priority)
+        STS_BUDGET_WAIT.labels(priority=priority)
+    for reason in STS_REASONS:
+        STS_RETRIES.labels(reason=reason)
     for reason in EVICTION_REASONS:
         EVICTIONS.labels(reason=reason)
     for result in TOKEN_RESULTS:

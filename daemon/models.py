@@ -7,6 +7,8 @@ kept out of every repr.
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -112,3 +114,29 @@ class CredentialSource(Protocol):
     """Exchanges a web-identity token for credentials: STS in production, fakes in tests."""
 
     async def assume_role(self, *, role_arn: str, token: VerifiedToken) -> Credentials: ...
+
+
+class Priority(enum.IntEnum):
+    CALLER = 0  # a pod is waiting for this exchange
+    REFRESH = 1  # ahead of expiry; nobody waits yet
+
+
+@dataclass(eq=False)
+class Ticket:
+    """An exchange's place in the STS budget's queue; its priority rises when a caller joins."""
+
+    priority: Priority
+    seq: int = 0
+    granted: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    @property
+    def queued(self) -> bool:
+        return self.granted is None or not self.granted.done()
+
+
+class ExchangeSource(Protocol):
+    """What the cache calls: STS behind the node's budget (`limiter.BudgetedSource`)."""
+
+    async def assume_role(self, *, role_arn: str, token: VerifiedToken, reason: str, ticket: Ticket) -> Credentials: ...
+
+    def promote(self, ticket: Ticket) -> None: ...

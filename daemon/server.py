@@ -78,6 +78,8 @@ def error_response(status: int, code: str, message: str, *, headers: dict[str, s
 
 
 def _outcome_of(error: DaemonError) -> str:
+    if isinstance(error, OverloadedError):
+        return "overloaded"
     return "denied" if isinstance(error, (TokenError, IdentityNotAllowedError)) or error.status == 403 else "error"
 
 

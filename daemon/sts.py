@@ -1,10 +1,10 @@
 """The STS exchange: AssumeRoleWithWebIdentity through aiobotocore.
 
 The only module that knows botocore. The call is unsigned (the node needs no AWS
-credentials of its own) and goes to the regional endpoint. botocore's standard
-retry mode retries what STS documents as passing (Throttling, IDPCommunicationError,
-5xx, connection errors) with jittered backoff; this module adds the overall deadline
-and decides, next to the client, which failures are permanent (DESIGN.md section 3).
+credentials of its own) and goes to the regional endpoint. Each call is a single
+attempt: retries go through the node's STS budget (`limiter.py`), so that every
+request STS sees was paid for. This module decides, next to the client, which
+failures are permanent and which are throttling (DESIGN.md section 3).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from botocore.exceptions import (
 
 from daemon.errors import StsDeniedError, StsError, StsTimeoutError, StsUnavailableError
 from daemon.models import Credentials, VerifiedToken
-
-STS_ATTEMPTS = 3  # botocore standard mode: first try plus two retries
 
 # Never worth a retry: the answer will not change until someone edits IAM or the token.
 _DENIALS = {
@@ -82,7 +80,7 @@ def classify(exc: ClientError, role_arn: str) -> StsError:
         return StsUnavailableError(
             f"STS failed AssumeRoleWithWebIdentity for {role_arn}: {code}: {message}",
             sts_code=code,
-            throttled=code in THROTTLING_CODES or status == 429,
+            throttled=code in THROTTLING_CODES or status in (429, 503),
         )
     # ValidationError and the like: our request is wrong (e.g. a session longer than the
     # role allows). Retrying cannot help; the operator must change a setting.
@@ -97,8 +95,8 @@ class StsSource:
         self._endpoint_url = endpoint_url
         self._duration = session_duration_seconds
         self._timeout = timeout_seconds
-        # Attempts, plus botocore's backoff between them (at most 20 s, in practice a few).
-        self._deadline = timeout_seconds * STS_ATTEMPTS + 5.0
+        # connect + read, each bounded by botocore; this is the backstop.
+        self._deadline = timeout_seconds * 2 + 1.0
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
@@ -107,7 +105,7 @@ class StsSource:
             signature_version=UNSIGNED,
             connect_timeout=self._timeout,
             read_timeout=self._timeout,
-            retries={"mode": "standard", "total_max_attempts": STS_ATTEMPTS},
+            retries={"mode": "standard", "total_max_attempts": 1},  # retries are limiter.py's
             user_agent_extra="irsa-cache",
         )
         self._client = await self._stack.enter_async_context(
@@ -132,7 +130,7 @@ class StsSource:
         except ClientError as exc:
             raise classify(exc, role_arn) from exc
         except (TimeoutError, ConnectTimeoutError, ReadTimeoutError) as exc:
-            raise StsTimeoutError(f"STS did not answer within {self._timeout:g} s per attempt ({self._endpoint_url})") from exc
+            raise StsTimeoutError(f"STS did not answer within {self._timeout:g} s ({self._endpoint_url})") from exc
         except EndpointConnectionError as exc:
             raise StsUnavailableError(f"cannot reach STS at {self._endpoint_url}: {exc}") from exc
         except BotoCoreError as exc:

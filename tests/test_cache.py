@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 import pytest
 
 from daemon.cache import CachePolicy, CredentialCache, Outcome
-from daemon.errors import StsDeniedError, StsError, StsUnavailableError
-from daemon.models import CacheKey, Credentials, Identity, VerifiedToken
+from daemon.errors import OverloadedError, StsDeniedError, StsError, StsUnavailableError
+from daemon.models import CacheKey, Credentials, Identity, Priority, Ticket, VerifiedToken
 from tests.conftest import FakeClock, metric
 
 SESSION_SECONDS = 3600.0
@@ -23,11 +23,15 @@ class FakeSource:
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.calls: list[tuple[str, VerifiedToken]] = []
-        self.error: StsError | None = None
+        self.reasons: list[str] = []
+        self.tickets: list[Ticket] = []
+        self.error: StsError | OverloadedError | None = None
         self.gate: asyncio.Event | None = None
 
-    async def assume_role(self, *, role_arn: str, token: VerifiedToken) -> Credentials:
+    async def assume_role(self, *, role_arn: str, token: VerifiedToken, reason: str, ticket: Ticket) -> Credentials:
         self.calls.append((role_arn, token))
+        self.reasons.append(reason)
+        self.tickets.append(ticket)
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
@@ -41,6 +45,9 @@ class FakeSource:
             account_id="123456789012",
             assumed_role_arn=f"arn:aws:sts::123456789012:assumed-role/r/s{n}",
         )
+
+    def promote(self, ticket: Ticket) -> None:
+        ticket.priority = Priority.CALLER
 
 
 def make_token(clock: FakeClock, subject: str = "system:serviceaccount:ns:app", *, lifetime: float = 86_400, tag: str = "") -> VerifiedToken:
@@ -125,7 +132,8 @@ async def test_refresh_at_half_lifetime_with_the_freshest_token(clock: FakeClock
     assert source.calls[1][1] is newer_token
     refreshed, outcome = await cache.get(key_for(old_token), old_token)
     assert outcome is Outcome.HIT and refreshed.access_key_id != first.access_key_id
-    assert metric("irsa_cache_sts_calls_total", reason="refresh", result="success") >= 1
+    assert source.reasons == ["cold", "refresh"]
+    assert [ticket.priority for ticket in source.tickets] == [Priority.CALLER, Priority.REFRESH]
 
 
 async def test_jitter_spreads_refreshes_of_entries_created_together(clock: FakeClock, source: FakeSource) -> None:
@@ -287,3 +295,69 @@ async def test_gauges_follow_the_entries(clock: FakeClock, source: FakeSource) -
 
     assert metric("irsa_cache_cache_entries") == 3
     assert metric("irsa_cache_cache_nearest_expiry_seconds") == pytest.approx(SESSION_SECONDS - 100)
+
+
+@pytest.mark.looptime
+async def test_a_caller_waits_at_most_the_request_hold_then_gets_503(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    source.gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    with pytest.raises(OverloadedError) as refused:
+        await cache.get(key_for(token), token)
+
+    assert loop.time() - started == pytest.approx(POLICY.request_hold_seconds)
+    assert refused.value.status == 503 and refused.value.retry_after_seconds == 1
+    assert "queued behind the node's STS budget" in refused.value.message
+    # The exchange ran on without the caller; its result serves the retry.
+    source.gate.set()
+    await settle()
+    assert (await cache.get(key_for(token), token))[1] is Outcome.HIT
+    assert len(source.calls) == 1
+
+
+@pytest.mark.looptime
+async def test_past_the_hold_a_caller_under_the_floor_gets_the_old_credentials(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    first, _ = await cache.get(key_for(token), token)
+    clock.advance(SESSION_SECONDS - 900)
+    source.gate = asyncio.Event()
+
+    served, outcome = await cache.get(key_for(token), token)
+
+    assert (served.access_key_id, outcome) == (first.access_key_id, Outcome.STALE)
+    source.gate.set()
+
+
+async def test_a_caller_joining_a_background_refresh_promotes_it(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    await cache.get(key_for(token), token)
+    source.gate = asyncio.Event()
+    clock.advance(SESSION_SECONDS / 2 + 1)
+    cache.maintain()
+    await settle()
+    assert source.tickets[-1].priority is Priority.REFRESH
+
+    clock.advance(SESSION_SECONDS / 2 - 900)  # now under the floor: this caller must wait for it
+    waiting = asyncio.create_task(cache.get(key_for(token), token))
+    await settle()
+
+    assert source.tickets[-1].priority is Priority.CALLER
+    assert len(source.calls) == 2
+    source.gate.set()
+    assert (await waiting)[1] is Outcome.COALESCED
+
+
+async def test_a_full_budget_queue_is_a_passing_failure(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    source.error = OverloadedError("queue full", retry_after_seconds=1)
+
+    with pytest.raises(OverloadedError):
+        await cache.get(key_for(token), token)
+
+    assert key_for(token) in cache  # not evicted: the next request tries again

@@ -127,6 +127,11 @@ ENV_TABLE = [
     pytest.param("--idle-evict", "2h", "30m", lambda s: s.cache.idle_evict_seconds, 7200, 1800, id="idle-evict"),
     pytest.param("--max-entries", "10", "20", lambda s: s.cache.max_entries, 10, 20, id="max-entries"),
     pytest.param("--log-level", "debug", "error", lambda s: s.log_level, "debug", "error", id="log-level"),
+    pytest.param("--request-hold", "2", "0.5", lambda s: s.cache.request_hold_seconds, 2, 0.5, id="request-hold"),
+    pytest.param("--sts-rate", "2.5", "40", lambda s: s.sts.rate_per_second, 2.5, 40, id="sts-rate"),
+    pytest.param("--sts-burst", "5", "50", lambda s: s.sts.burst, 5, 50, id="sts-burst"),
+    pytest.param("--sts-concurrency", "2", "16", lambda s: s.sts.concurrency, 2, 16, id="sts-concurrency"),
+    pytest.param("--sts-queue", "10", "1000", lambda s: s.sts.max_queued, 10, 1000, id="sts-queue"),
 ]
 
 

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from botocore.exceptions import ClientError
 
-from daemon.sts import STS_ATTEMPTS, StsSource, account_id_of, classify, session_name_for
+from daemon.sts import StsSource, account_id_of, classify, session_name_for
 from daemon.embedded import DEMO_ACCOUNT, IRSA_AUDIENCE, Issuer, free_port
 from daemon.errors import StsDeniedError, StsError, StsTimeoutError, StsUnavailableError
 from daemon.models import Credentials, Identity, VerifiedToken, fingerprint
@@ -139,7 +139,7 @@ CLASSIFY = [
     pytest.param("TooManyRequests", 429, StsUnavailableError, False, True, 502, id="http-429"),
     pytest.param("IDPCommunicationError", 400, StsUnavailableError, False, False, 502, id="IDPCommunicationError"),
     pytest.param("InternalFailure", 500, StsUnavailableError, False, False, 502, id="http-500"),
-    pytest.param("ServiceUnavailable", 503, StsUnavailableError, False, False, 502, id="http-503"),
+    pytest.param("ServiceUnavailable", 503, StsUnavailableError, False, True, 502, id="http-503"),
     pytest.param("ValidationError", 400, StsUnavailableError, True, False, 502, id="ValidationError"),
 ]
 
@@ -275,47 +275,27 @@ async def test_the_call_is_unsigned_even_when_the_node_has_credentials(
     assert "irsa-cache" in headers.get("user-agent", "")
 
 
-async def test_throttling_twice_then_healed_succeeds_after_botocore_retries(exchange: Exchange, sts: StsDouble) -> None:
-    sts.fault = lambda call: sts_error("Throttling", "Rate exceeded") if len(sts.assume_calls) <= 2 else None
-
-    credentials = await exchange(sts.url)
-
-    assert credentials.account_id == DEMO_ACCOUNT
-    assert len(sts.assume_calls) == 3
-
-
-async def test_throttling_always_gives_up_after_three_attempts(exchange: Exchange, sts: StsDouble) -> None:
-    sts.fail_with("Throttling", "Rate exceeded")
-
-    with pytest.raises(StsUnavailableError) as caught:
-        await exchange(sts.url)
-
-    assert caught.value.throttled is True
-    assert caught.value.permanent is False
-    assert caught.value.sts_code == "Throttling"
-    assert STS_ATTEMPTS == 3
-    assert len(sts.assume_calls) == 3
-
-
 @pytest.mark.parametrize(
-    ("code", "status"),
+    ("code", "status", "throttled"),
     [
-        pytest.param("IDPCommunicationError", 400, id="IDPCommunicationError"),
-        pytest.param("InternalFailure", 500, id="http-500"),
+        pytest.param("Throttling", 400, True, id="Throttling"),
+        pytest.param("IDPCommunicationError", 400, False, id="IDPCommunicationError"),
+        pytest.param("InternalFailure", 500, False, id="http-500"),
     ],
 )
-async def test_passing_failures_are_retried_then_reported_unavailable(
-    exchange: Exchange, sts: StsDouble, code: str, status: int
+async def test_a_passing_failure_is_one_attempt_retrying_is_the_budgets(
+    exchange: Exchange, sts: StsDouble, code: str, status: int, throttled: bool
 ) -> None:
+    # botocore must not retry on its own: every attempt has to be paid for by limiter.py.
     sts.fail_with(code, "try again", status=status)
 
     with pytest.raises(StsUnavailableError) as caught:
         await exchange(sts.url)
 
     assert caught.value.permanent is False
-    assert caught.value.throttled is False
+    assert caught.value.throttled is throttled
     assert caught.value.sts_code == code
-    assert len(sts.assume_calls) == 3
+    assert len(sts.assume_calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -346,12 +326,11 @@ async def test_a_slow_sts_times_out_within_a_bound(exchange: Exchange, sts: StsD
         await exchange(sts.url, timeout_seconds=0.3)
 
     elapsed = time.monotonic() - started
-    # Three attempts of 0.3 s plus botocore's backoff (at most 1 + 2 s), and never past StsSource's
-    # overall deadline (3 x timeout + 5 s), whatever STS does.
-    assert elapsed < 0.3 * 3 + 5 + 1, elapsed
+    # One attempt, never past StsSource's backstop (2 x timeout + 1 s), whatever STS does.
+    assert elapsed < 0.3 * 2 + 1 + 0.5, elapsed
     assert caught.value.status == 504
     assert caught.value.permanent is False
-    assert len(sts.assume_calls) == 3, sts.assume_calls  # botocore retries read timeouts
+    assert len(sts.assume_calls) == 1, sts.assume_calls
 
 
 async def test_connection_refused_is_unavailable(exchange: Exchange) -> None:

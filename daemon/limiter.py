@@ -1,0 +1,239 @@
+"""The node's STS budget: how fast, how many at once, and who goes first.
+
+STS's quota is per account and region, shared by every node; a scale-out must not
+spend it in one burst. Every attempt at STS, retries included, takes a token from
+one bucket (`rate` per second, `burst` at most) and one of `concurrency` slots.
+Exchanges a caller waits for go before background refreshes. On throttling the
+rate is cut and recovers along botocore's own CUBIC curve (the calculator its
+`adaptive` retry mode uses); retries back off with full jitter within a deadline.
+
+What botocore does and what is ours: botocore makes single attempts (transport,
+time-outs, error parsing) and `sts.py` decides which errors are permanent. Its
+retry modes retry inside one call, unseen by a shared budget, and its adaptive
+limiter is per client with no priorities, no concurrency bound and no metrics;
+so the retry loop, the shared bucket, the priorities and the metrics live here.
+
+Time is the event loop's (`loop.time()`), so tests run on virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from botocore.retries.throttling import CubicCalculator
+
+from daemon import metrics
+from daemon.errors import OverloadedError, StsDeniedError, StsError
+from daemon.models import Credentials, CredentialSource, Priority, Ticket, VerifiedToken
+
+log = logging.getLogger(__name__)
+
+_EPSILON = 1e-9  # refills are float sums: 0.9999999999 tokens is a whole one
+_MIN_WAKEUP_SECONDS = 0.001
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetPolicy:
+    rate_per_second: float = 10.0
+    burst: int = 20
+    concurrency: int = 8
+    max_queued: int = 500  # exchanges waiting for budget; past it, callers get 503 at once
+    min_rate_per_second: float = 0.5  # throttling never cuts below this
+
+
+class BudgetExhaustedError(OverloadedError):
+    code = "sts_budget_exhausted"
+
+
+class StsBudget:
+    """Token bucket, concurrency slots and a two-class priority queue."""
+
+    def __init__(self, policy: BudgetPolicy) -> None:
+        self._policy = policy
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self.rate = policy.rate_per_second
+        self._tokens = float(policy.burst)
+        self._refilled_at = now
+        self._in_flight = 0
+        self._waiting: list[Ticket] = []
+        self._seq = itertools.count()
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._cubic = CubicCalculator(starting_max_rate=policy.rate_per_second, start_time=now)
+        self._throttled_since_success = False
+        metrics.STS_BUDGET_RATE.set(self.rate)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, ticket: Ticket) -> AsyncIterator[None]:
+        """Wait for a token and a concurrency slot, in priority order; hold the slot inside."""
+        await self._acquire(ticket)
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
+
+    def promote(self, ticket: Ticket) -> None:
+        """A caller now waits for this exchange: it goes before refreshes from now on."""
+        if ticket.priority is not Priority.CALLER:
+            ticket.priority = Priority.CALLER
+            self._publish_queue()
+            self._dispatch()
+
+    def throttled(self) -> None:
+        """STS said slow down: cut the rate (CUBIC's multiplicative decrease) and spend the bucket."""
+        now = self._loop.time()
+        self._refill(now)
+        self.rate = max(self._policy.min_rate_per_second, self._cubic.error_received(self.rate, now))
+        self._tokens = min(self._tokens, 0.0)
+        self._throttled_since_success = True
+        metrics.STS_BUDGET_RATE.set(self.rate)
+        log.warning("STS throttled: budget cut to %.2f calls/s", self.rate)
+
+    def succeeded(self) -> None:
+        """Recover along the CUBIC curve towards the configured rate."""
+        if not self._throttled_since_success and self.rate >= self._policy.rate_per_second:
+            return
+        now = self._loop.time()
+        self._refill(now)
+        recovered = self._cubic.success_received(now)
+        self.rate = min(self._policy.rate_per_second, max(self._policy.min_rate_per_second, recovered))
+        self._throttled_since_success = False
+        metrics.STS_BUDGET_RATE.set(self.rate)
+
+    async def _acquire(self, ticket: Ticket) -> None:
+        if len(self._waiting) >= self._policy.max_queued:
+            raise BudgetExhaustedError(
+                f"{len(self._waiting)} STS exchanges are already queued on this node; retry shortly"
+            )
+        ticket.seq = next(self._seq)
+        ticket.granted = self._loop.create_future()
+        self._waiting.append(ticket)
+        self._publish_queue()
+        started = self._loop.time()
+        self._dispatch()
+        try:
+            await ticket.granted
+        except asyncio.CancelledError:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                self._publish_queue()
+            elif ticket.granted.done() and not ticket.granted.cancelled():
+                self._in_flight -= 1  # granted, then cancelled before use: give the slot back
+                self._dispatch()
+            raise
+        finally:
+            metrics.STS_BUDGET_WAIT.labels(priority=ticket.priority.name.lower()).observe(self._loop.time() - started)
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(float(self._policy.burst), self._tokens + (now - self._refilled_at) * self.rate)
+        self._refilled_at = now
+
+    def _dispatch(self) -> None:
+        """Grant waiters, best priority then oldest first, while tokens and slots last."""
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        now = self._loop.time()
+        self._refill(now)
+        while self._waiting and self._in_flight < self._policy.concurrency and self._tokens >= 1.0 - _EPSILON:
+            ticket = min(self._waiting, key=lambda t: (t.priority, t.seq))
+            self._waiting.remove(ticket)
+            assert ticket.granted is not None
+            if ticket.granted.done():
+                continue  # cancelled, its task not yet resumed to remove it: skip, spend nothing
+            self._tokens -= 1.0
+            self._in_flight += 1
+            ticket.granted.set_result(None)
+        self._publish_queue()
+        if self._waiting and self._in_flight < self._policy.concurrency:
+            # Out of tokens: come back when the next one is due. (Out of slots: a release calls us.)
+            due_in = max((1.0 - self._tokens) / self.rate, _MIN_WAKEUP_SECONDS)
+            self._wakeup = self._loop.call_at(now + due_in, self._dispatch)
+
+    def _publish_queue(self) -> None:
+        for priority in Priority:
+            metrics.STS_WAITING.labels(priority=priority.name.lower()).set(
+                sum(1 for t in self._waiting if t.priority is priority)
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    max_attempts_invalid_token: int = 2  # InvalidIdentityToken may mean STS could not fetch the keys
+    backoff_base_seconds: float = 0.2
+    backoff_max_seconds: float = 5.0
+    deadline_seconds: float = 30.0  # an exchange gives up after this, retries included
+
+
+class BudgetedSource:
+    """STS through the budget: each attempt waits for a slot; passing failures are retried."""
+
+    def __init__(self, *, source: CredentialSource, budget: StsBudget, retry: RetryPolicy,
+                 rng: random.Random | None = None) -> None:
+        self._source = source
+        self._budget = budget
+        self._retry = retry
+        self._rng = rng or random.Random()
+
+    @property
+    def budget(self) -> StsBudget:
+        return self._budget
+
+    def promote(self, ticket: Ticket) -> None:
+        self._budget.promote(ticket)
+
+    async def assume_role(self, *, role_arn: str, token: VerifiedToken, reason: str, ticket: Ticket) -> Credentials:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry.deadline_seconds
+        for attempt in itertools.count(1):
+            async with self._budget.slot(ticket):
+                started = loop.time()
+                try:
+                    credentials = await self._source.assume_role(role_arn=role_arn, token=token)
+                except StsError as exc:
+                    self._count(reason, exc, loop.time() - started)
+                    if exc.throttled:
+                        self._budget.throttled()
+                    if not self._should_retry(exc, attempt):
+                        raise
+                    error = exc
+                else:
+                    self._count(reason, None, loop.time() - started)
+                    self._budget.succeeded()
+                    return credentials
+            # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
+            delay = self._rng.uniform(0, min(self._retry.backoff_max_seconds, self._retry.backoff_base_seconds * 2**attempt))
+            if loop.time() + delay >= deadline:
+                raise error
+            metrics.STS_RETRIES.labels(reason=reason).inc()
+            log.info("retrying STS for %s in %.2f s after %s (attempt %d)", token.identity.subject, delay, error.sts_code, attempt)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _should_retry(self, error: StsError, attempt: int) -> bool:
+        if isinstance(error, StsDeniedError) and error.sts_code == "InvalidIdentityToken":
+            return attempt < self._retry.max_attempts_invalid_token
+        return not error.permanent and attempt < self._retry.max_attempts
+
+    @staticmethod
+    def _count(reason: str, error: StsError | None, elapsed: float) -> None:
+        result = (
+            "success" if error is None
+            else "denied" if isinstance(error, StsDeniedError)
+            else "throttled" if error.throttled
+            else "error"
+        )
+        metrics.STS_CALLS.labels(reason=reason, result=result).inc()
+        metrics.STS_CALL_DURATION.labels(result=result).observe(elapsed)
