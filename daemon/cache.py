@@ -27,6 +27,7 @@ import logging
 import math
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon import metrics
@@ -87,11 +88,15 @@ class CredentialCache:
         clock: Clock,
         policy: CachePolicy,
         rng: random.Random | None = None,
+        in_use: Callable[[CacheKey], bool] = lambda key: True,
     ) -> None:
+        """`in_use` says whether an identity still has a caller on this node (a live pod);
+        entries it rejects are not refreshed and age out as idle."""
         self._source = source
         self._clock = clock
         self._policy = policy
         self._rng = rng or random.Random()
+        self._in_use = in_use
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # least recently used first
 
     def __len__(self) -> int:
@@ -151,9 +156,18 @@ class CredentialCache:
                 continue
             if cached is not None:
                 nearest = min(nearest, cached.remaining(now))
-                if entry.exchange is None and token is not None and now >= max(entry.refresh_at, entry.retry_at):
+                due = now >= max(entry.refresh_at, entry.retry_at)
+                if due and entry.exchange is None and token is not None and self._in_use(entry.key):
                     self._start_exchange(entry, token, Priority.REFRESH)
         metrics.NEAREST_EXPIRY.set(0 if nearest == math.inf else max(nearest, 0))
+
+    def drop(self, matches: Callable[[CacheKey], bool], reason: str) -> int:
+        """Evict every entry whose key matches, at once (say, a role annotation changed).
+        An exchange under way finishes for its waiters but its result is not kept."""
+        doomed = [entry for key, entry in self._entries.items() if matches(key)]
+        for entry in doomed:
+            self._evict(entry, reason)
+        return len(doomed)
 
     async def run(self, *, interval_seconds: float) -> None:
         """Maintain the cache until cancelled; then cancel exchanges still under way."""

@@ -15,7 +15,7 @@ REQUEST_OUTCOMES = ("hit", "miss", "coalesced", "stale", "denied", "overloaded",
 PRIORITIES = ("caller", "refresh")
 STS_REASONS = ("cold", "refresh")
 STS_RESULTS = ("success", "throttled", "denied", "error")
-EVICTION_REASONS = ("idle", "capacity", "expired", "denied")
+EVICTION_REASONS = ("idle", "capacity", "expired", "denied", "directory")
 TOKEN_RESULTS = (
     "valid", "cached", "malformed_token", "algorithm_not_allowed", "unknown_key",
     "bad_signature", "wrong_issuer", "wrong_audience", "expired_token", "token_not_yet_valid",

@@ -361,3 +361,36 @@ async def test_a_full_budget_queue_is_a_passing_failure(clock: FakeClock, source
         await cache.get(key_for(token), token)
 
     assert key_for(token) in cache  # not evicted: the next request tries again
+
+
+async def test_drop_evicts_matching_entries_at_once(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    kept = make_token(clock, "system:serviceaccount:ns:kept")
+    dropped = make_token(clock, "system:serviceaccount:ns:dropped")
+    for token in (kept, dropped):
+        await cache.get(key_for(token), token)
+    before = metric("irsa_cache_evictions_total", reason="directory")
+
+    assert cache.drop(lambda key: key.subject.endswith(":dropped"), "directory") == 1
+
+    assert key_for(dropped) not in cache and key_for(kept) in cache
+    assert metric("irsa_cache_evictions_total", reason="directory") == before + 1
+    _, outcome = await cache.get(key_for(dropped), dropped)
+    assert outcome is Outcome.MISS and len(source.calls) == 3
+
+
+async def test_identities_no_longer_in_use_are_not_refreshed(clock: FakeClock, source: FakeSource) -> None:
+    live: set[str] = {"system:serviceaccount:ns:a", "system:serviceaccount:ns:b"}
+    cache = CredentialCache(source=source, clock=clock, policy=POLICY, rng=random.Random(1),
+                            in_use=lambda key: key.subject in live)
+    tokens = [make_token(clock, subject) for subject in sorted(live)]
+    for token in tokens:
+        await cache.get(key_for(token), token)
+    live.discard("system:serviceaccount:ns:b")  # its last pod on this node went away
+
+    clock.advance(SESSION_SECONDS / 2 + 1)
+    cache.maintain()
+    await settle()
+
+    refreshed = [token.identity.subject for _, token in source.calls[2:]]
+    assert refreshed == ["system:serviceaccount:ns:a"]
