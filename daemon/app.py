@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from daemon import config, limiter, server, sts
 from daemon.cache import CachePolicy, CredentialCache
-from daemon.directory.base import Directory, Trust
+from daemon.directory.base import Directory, RoleChanged, Trust
 from daemon.directory.static import load_static_config
 from daemon.errors import ConfigError
 from daemon.models import Clock, CredentialSource, system_clock
@@ -28,6 +28,7 @@ from daemon.tokens import TokenVerifier
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 5.0  # well inside a pod's default 30 s termination grace
+DIRECTORY_SYNC_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RunningDaemon:
     listen: list[config.Address]  # as bound: a port given as 0 is resolved here
     metrics_listen: config.Address
     cache: CredentialCache
-    verifier: TokenVerifier
+    verifier: server.Verifier
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -45,9 +46,76 @@ class RunningDaemon:
         return f"http://{self.listen[0]}{server.CREDENTIALS_PATH}"
 
 
-def build_directory(settings: config.Settings) -> tuple[Trust, Directory]:
+@dataclass
+class Identities:
+    """Who callers are and which role they get: the directory and the verifier of its tokens."""
+
+    directory: Directory
+    verifier: server.Verifier
+    issuer: str
+    on_role_change: Callable[[RoleChanged], None] = lambda callback: None
+
+
+async def static_identities(settings: config.Settings, clock: Clock) -> Identities:
     assert settings.directory.static_config is not None  # config validated it
-    return load_static_config(settings.directory.static_config)
+    trust, directory = load_static_config(settings.directory.static_config)
+    return Identities(directory=directory, verifier=await _key_set_verifier(trust, clock), issuer=trust.issuer)
+
+
+async def kubernetes_identities(
+    settings: config.Settings, clock: Clock, stack: contextlib.AsyncExitStack
+) -> Identities:
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio import config as kube_config
+
+    from daemon.directory import kubernetes
+
+    wanted = settings.directory
+    configuration = client.Configuration()
+    if wanted.kubeconfig is not None:
+        await kube_config.load_kube_config(config_file=str(wanted.kubeconfig), client_configuration=configuration)
+    else:
+        kube_config.load_incluster_config(client_configuration=configuration)
+    api = await stack.enter_async_context(client.ApiClient(configuration))
+    assert wanted.node_name is not None  # config validated it
+    directory = kubernetes.KubernetesDirectory(
+        api=api, node_name=wanted.node_name, annotation_prefix=wanted.annotation_prefix,
+        pod_wait_seconds=wanted.pod_wait_seconds,
+    )
+    keys = kubernetes.ApiServerKeySource(api)
+    try:
+        issuer = wanted.issuer or await keys.issuer()
+    except Exception as exc:
+        raise ConfigError([f"--issuer: cannot read the API server's discovery document: {exc}"]) from exc
+    verifier: server.Verifier
+    if wanted.token_review:
+        verifier = kubernetes.TokenReviewVerifier(
+            api=api, issuer=issuer, audience=wanted.audience, clock=clock, max_cached=config.VERIFIED_TOKENS_MAX
+        )
+    else:
+        verifier = await _key_set_verifier(Trust(issuer=issuer, audience=wanted.audience, key_source=keys), clock)
+
+    def subscribe(callback: RoleChanged) -> None:
+        directory.on_role_change = callback
+
+    return Identities(directory=directory, verifier=verifier, issuer=issuer, on_role_change=subscribe)
+
+
+async def _key_set_verifier(trust: Trust, clock: Clock) -> TokenVerifier:
+    verifier = TokenVerifier(
+        issuer=trust.issuer,
+        audience=trust.audience,
+        key_source=trust.key_source,
+        clock=clock,
+        leeway_seconds=config.TOKEN_LEEWAY_SECONDS,
+        refetch_min_interval_seconds=config.JWKS_REFETCH_MIN_INTERVAL_SECONDS,
+        max_verified=config.VERIFIED_TOKENS_MAX,
+    )
+    try:
+        await verifier.load_keys()
+    except Exception as exc:
+        raise ConfigError([f"signing keys: cannot load from {trust.key_source.description}: {exc}"]) from exc
+    return verifier
 
 
 def cache_policy(settings: config.CacheSettings) -> CachePolicy:
@@ -92,22 +160,14 @@ async def running(
     source: CredentialSource | None = None,
 ) -> AsyncIterator[RunningDaemon]:
     """Start every part of the daemon; stop them all on exit. `source` replaces STS in tests."""
-    trust, directory = build_directory(settings)
-    verifier = TokenVerifier(
-        issuer=trust.issuer,
-        audience=trust.audience,
-        key_source=trust.key_source,
-        clock=clock,
-        leeway_seconds=config.TOKEN_LEEWAY_SECONDS,
-        refetch_min_interval_seconds=config.JWKS_REFETCH_MIN_INTERVAL_SECONDS,
-        max_verified=config.VERIFIED_TOKENS_MAX,
-    )
-    try:
-        await verifier.load_keys()
-    except Exception as exc:
-        raise ConfigError([f"signing keys: cannot load from {trust.key_source.description}: {exc}"]) from exc
-
     async with contextlib.AsyncExitStack() as stack:
+        if settings.directory.kind == "kubernetes":
+            identities = await kubernetes_identities(settings, clock, stack)
+        else:
+            identities = await static_identities(settings, clock)
+        directory, verifier = identities.directory, identities.verifier
+        directory_task = asyncio.create_task(directory.run(), name="directory")
+        stack.push_async_callback(_cancel, directory_task)
         if source is None:
             source = await stack.enter_async_context(
                 sts.StsSource(
@@ -118,8 +178,11 @@ async def running(
                 )
             )
         cache = CredentialCache(
-            source=budgeted(source, settings.sts), clock=clock, policy=cache_policy(settings.cache)
+            source=budgeted(source, settings.sts), clock=clock, policy=cache_policy(settings.cache),
+            in_use=directory.in_use,
         )
+        identities.on_role_change(lambda subject: cache.drop(lambda key: key.subject == subject, "directory"))
+        await _wait_ready(directory)
 
         hosts: frozenset[str] = frozenset()  # filled once the ports are bound
         app = server.create_app(
@@ -141,12 +204,13 @@ async def running(
             cache.run(interval_seconds=config.MAINTENANCE_INTERVAL_SECONDS), name="cache maintenance"
         )
         daemon = RunningDaemon(
-            listen=bound, metrics_listen=metrics_bound, cache=cache, verifier=verifier, tasks=[maintenance]
+            listen=bound, metrics_listen=metrics_bound, cache=cache, verifier=verifier,
+            tasks=[maintenance, directory_task],
         )
         log.info(
             "serving credentials on %s, metrics on %s",
             ", ".join(map(str, bound)), metrics_bound,
-            extra={"sts_endpoint": settings.sts.endpoint_url, "issuer": trust.issuer},
+            extra={"sts_endpoint": settings.sts.endpoint_url, "issuer": identities.issuer},
         )
         try:
             yield daemon
@@ -154,6 +218,21 @@ async def running(
             for task in daemon.tasks:
                 task.cancel()
             await asyncio.gather(*daemon.tasks, return_exceptions=True)
+
+
+async def _wait_ready(directory: Directory) -> None:
+    """Give the directory a moment to sync before serving; /readyz tells the rest."""
+    try:
+        async with asyncio.timeout(DIRECTORY_SYNC_WAIT_SECONDS):
+            while not directory.ready:
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        log.warning("directory not ready after %.0f s; serving, /readyz says not ready", DIRECTORY_SYNC_WAIT_SECONDS)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def serve(settings: config.Settings) -> int:

@@ -63,6 +63,13 @@ class ServerSettings:
 class DirectorySettings:
     kind: str  # "static" or "kubernetes"
     static_config: Path | None
+    kubeconfig: Path | None = None
+    node_name: str | None = None
+    annotation_prefix: str = "eks.amazonaws.com"
+    issuer: str | None = None
+    audience: str = "sts.amazonaws.com"
+    token_review: bool = False
+    pod_wait_seconds: float = 0.5  # a pod too new for the informer: wait this, then read it once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +159,14 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def parse_bool(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 def parse_choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -177,6 +192,7 @@ class Option:
     help: str
     repeatable: bool = False
     metavar: str | None = None
+    flag_only: bool = False  # a switch: present means "true"
 
     @property
     def dest(self) -> str:
@@ -192,6 +208,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--metrics-listen", parse_address, "0.0.0.0:9464", "metrics, /healthz and /readyz", metavar="HOST:PORT"),
     Option("--directory", parse_choice("static", "kubernetes"), "static", "where roles and signing keys come from"),
     Option("--static-config", Path, None, "YAML file of issuer, key set and subject-to-role rules (--directory static)", metavar="FILE"),
+    Option("--kubeconfig", Path, None, "kubeconfig for --directory kubernetes (default: in-cluster service account)", metavar="FILE"),
+    Option("--node-name", str, None, "this node, to watch only its pods (default: NODE_NAME, set from spec.nodeName)"),
+    Option("--annotation-prefix", str, "eks.amazonaws.com", "ServiceAccount annotation prefix; the role is <prefix>/role-arn", metavar="PREFIX"),
+    Option("--issuer", str, None, "service-account token issuer (default: from the API server's discovery document)", metavar="URL"),
+    Option("--audience", str, "sts.amazonaws.com", "audience the pods' projected tokens must carry (--directory kubernetes)"),
+    Option("--token-review", parse_bool, "false", "verify tokens with the API server's TokenReview instead of its key set", flag_only=True),
     Option("--region", str, None, "AWS region of the STS endpoint (default: AWS_REGION, then AWS_DEFAULT_REGION)"),
     Option("--sts-endpoint-url", parse_url, None, "STS endpoint (default: https://sts.<region>.amazonaws.com)", metavar="URL"),
     Option("--session-duration", parse_duration, "3600", "DurationSeconds asked of STS (900..43200 s)", metavar="SECONDS"),
@@ -212,13 +234,18 @@ SERVE_OPTIONS: tuple[Option, ...] = (
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     for option in SERVE_OPTIONS:
         default = f" (default: {option.default})" if option.default is not None else ""
+        help_text = f"{option.help}{default}; env {option.env}"
+        if option.flag_only:
+            parser.add_argument(option.flag, dest=option.dest, action="store_const", const="true", default=None,
+                                help=help_text)
+            continue
         parser.add_argument(
             option.flag,
             dest=option.dest,
             action="append" if option.repeatable else "store",
             default=None,
             metavar=option.metavar,
-            help=f"{option.help}{default}; env {option.env}",
+            help=help_text,
         )
 
 
@@ -307,14 +334,27 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
             problems.append("--static-config: required with --directory static")
         elif not path.is_file():
             problems.append(f"{src['static_config']}: {path} is not a readable file")
-    elif v["directory"] == "kubernetes":
-        problems.append(f"{src['directory']}: kubernetes is not available in this version; use static")
+    node_name = v["node_name"] or environ.get("NODE_NAME")
+    if v["directory"] == "kubernetes":
+        if not node_name:
+            problems.append("--node-name: required with --directory kubernetes (or set NODE_NAME from spec.nodeName)")
+        if v["kubeconfig"] is not None and not v["kubeconfig"].is_file():
+            problems.append(f"{src['kubeconfig']}: {v['kubeconfig']} is not a readable file")
 
     if problems:
         raise ConfigError(problems)
     return Settings(
         server=ServerSettings(listen=v["listen"], metrics_listen=v["metrics_listen"]),
-        directory=DirectorySettings(kind=v["directory"], static_config=v["static_config"]),
+        directory=DirectorySettings(
+            kind=v["directory"],
+            static_config=v["static_config"],
+            kubeconfig=v["kubeconfig"],
+            node_name=node_name,
+            annotation_prefix=v["annotation_prefix"],
+            issuer=v["issuer"],
+            audience=v["audience"],
+            token_review=bool(v["token_review"]),
+        ),
         sts=StsSettings(
             region=region,
             endpoint_url=endpoint,

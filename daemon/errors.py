@@ -11,6 +11,7 @@ A leaf module. The tree:
     │   ├── StsDeniedError           403 sts_denied      (AccessDenied, IDPRejectedClaim, ...)
     │   ├── StsUnavailableError      502 sts_unavailable (Throttling, 5xx, connection errors)
     │   └── StsTimeoutError          504 sts_timeout
+    ├── DirectoryUnavailableError    503 directory_unavailable
     └── OverloadedError              503 overloaded
 
 `server.py` renders them all in one place; messages name the broken link and
@@ -98,6 +99,13 @@ class StsUnavailableError(StsError):
 class StsTimeoutError(StsError):
     status = 504
     code = "sts_timeout"
+
+
+class DirectoryUnavailableError(DaemonError):
+    """The directory cannot answer now (the API server is unreachable, or not yet synced)."""
+
+    status = 503
+    code = "directory_unavailable"
 
 
 class OverloadedError(DaemonError):

@@ -19,6 +19,7 @@ EVICTION_REASONS = ("idle", "capacity", "expired", "denied", "directory")
 TOKEN_RESULTS = (
     "valid", "cached", "malformed_token", "algorithm_not_allowed", "unknown_key",
     "bad_signature", "wrong_issuer", "wrong_audience", "expired_token", "token_not_yet_valid",
+    "token_review_rejected",
 )
 
 # Latency buckets: the hot path answers in well under a millisecond, STS in tens to hundreds.
@@ -93,6 +94,12 @@ STS_BUDGET_WAIT = Histogram(
 STS_RETRIES = Counter(
     "sts_retries", "STS attempts retried after a passing failure, by reason.", ["reason"], namespace=NAMESPACE
 )
+WATCH_RESTARTS = Counter(
+    "watch_restarts",
+    "Kubernetes list/watch restarts, by informer and reason (expired: 410 Gone, relisted; error: backed off).",
+    ["informer", "reason"],
+    namespace=NAMESPACE,
+)
 DIRECTORY_READY = Gauge(
     "directory_ready", "1 when the directory and signing keys are loaded.", namespace=NAMESPACE
 )
@@ -111,6 +118,9 @@ def _create_known_series() -> None:
         STS_BUDGET_WAIT.labels(priority=priority)
     for reason in STS_REASONS:
         STS_RETRIES.labels(reason=reason)
+    for informer in ("serviceaccounts", "pods"):
+        for reason in ("expired", "error"):
+            WATCH_RESTARTS.labels(informer=informer, reason=reason)
     for reason in EVICTION_REASONS:
         EVICTIONS.labels(reason=reason)
     for result in TOKEN_RESULTS:

@@ -132,6 +132,15 @@ ENV_TABLE = [
     pytest.param("--sts-burst", "5", "50", lambda s: s.sts.burst, 5, 50, id="sts-burst"),
     pytest.param("--sts-concurrency", "2", "16", lambda s: s.sts.concurrency, 2, 16, id="sts-concurrency"),
     pytest.param("--sts-queue", "10", "1000", lambda s: s.sts.max_queued, 10, 1000, id="sts-queue"),
+    pytest.param("--kubeconfig", "{tmp}/env.yaml", "{tmp}/cli.yaml", lambda s: s.directory.kubeconfig.name,
+                 "env.yaml", "cli.yaml", id="kubeconfig"),
+    pytest.param("--node-name", "node-env", "node-cli", lambda s: s.directory.node_name, "node-env", "node-cli",
+                 id="node-name"),
+    pytest.param("--annotation-prefix", "irsa.example.com", "x.example.com", lambda s: s.directory.annotation_prefix,
+                 "irsa.example.com", "x.example.com", id="annotation-prefix"),
+    pytest.param("--issuer", "https://a.test", "https://b.test", lambda s: s.directory.issuer,
+                 "https://a.test", "https://b.test", id="issuer"),
+    pytest.param("--audience", "aud-env", "aud-cli", lambda s: s.directory.audience, "aud-env", "aud-cli", id="audience"),
 ]
 
 
@@ -141,7 +150,7 @@ def _option(flag: str) -> config.Option:
 
 def test_the_env_table_covers_every_flag() -> None:
     # --directory has one usable value, so it is covered by its own test below.
-    covered = {param.values[0] for param in ENV_TABLE} | {"--directory"}
+    covered = {param.values[0] for param in ENV_TABLE} | {"--directory", "--token-review"}
     assert covered == {option.flag for option in config.SERVE_OPTIONS}
 
 
@@ -176,11 +185,20 @@ def test_the_command_line_wins_over_the_environment(
 
 
 def test_directory_is_read_from_the_environment_and_the_command_line_wins(static_file: Path) -> None:
-    problems = problems_of(static_file, environ={"IRSA_CACHE_DIRECTORY": "kubernetes"})
-    assert len(problems) == 1 and "kubernetes" in problems[0]
+    settings = parse(static_file, environ={"IRSA_CACHE_DIRECTORY": "kubernetes", "NODE_NAME": "node-a"})
+    assert settings.directory.kind == "kubernetes" and settings.directory.node_name == "node-a"
 
     settings = parse(static_file, "--directory", "static", environ={"IRSA_CACHE_DIRECTORY": "kubernetes"})
     assert settings.directory.kind == "static"
+
+
+def test_token_review_is_a_switch(static_file: Path) -> None:
+    assert parse(static_file).directory.token_review is False
+    assert parse(static_file, "--token-review").directory.token_review is True
+    assert parse(static_file, environ={"IRSA_CACHE_TOKEN_REVIEW": "true"}).directory.token_review is True
+    assert problems_of(static_file, environ={"IRSA_CACHE_TOKEN_REVIEW": "maybe"}) == [
+        "IRSA_CACHE_TOKEN_REVIEW: 'maybe' is not true or false"
+    ]
 
 
 # --- addresses and durations ---
@@ -284,7 +302,9 @@ BAD_VALUES = [
     pytest.param(["--sts-endpoint-url", "ftp://sts.test"], {}, (), "--sts-endpoint-url", "ftp", id="endpoint-not-http"),
     pytest.param(["--log-level", "loud"], {}, (), "--log-level", "loud", id="log-level"),
     pytest.param(["--directory", "ldap"], {}, (), "--directory", "ldap", id="directory-unknown"),
-    pytest.param(["--directory", "kubernetes"], {}, (), "--directory", "kubernetes", id="directory-unavailable"),
+    pytest.param(["--directory", "kubernetes"], {}, (), "--node-name", "NODE_NAME", id="kubernetes-needs-node-name"),
+    pytest.param(["--directory", "kubernetes", "--node-name", "n", "--kubeconfig", "/nonexistent/kubeconfig"], {}, (),
+                 "--kubeconfig", "/nonexistent/kubeconfig", id="kubeconfig-missing"),
     pytest.param([], {}, ("--region",), "--region", "AWS_REGION", id="missing-region"),
     pytest.param(["--region", "x"], {}, ("--region",), "--region", "'x'", id="bad-region"),
     pytest.param(["--region", "EU-WEST-1"], {}, ("--region",), "--region", "EU-WEST-1", id="region-upper-case"),

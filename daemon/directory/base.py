@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from daemon.models import Identity
+from collections.abc import Callable
+
+from daemon.models import CacheKey, Identity
 from daemon.tokens import KeySource
 
 DEFAULT_AUDIENCE = "sts.amazonaws.com"
@@ -34,3 +36,15 @@ class Directory(Protocol):
     async def role_for(self, identity: Identity) -> str:
         """The role ARN for this identity; raises IdentityNotAllowedError naming why not."""
         ...
+
+    def in_use(self, key: CacheKey) -> bool:
+        """Whether the identity still has a caller here, so its credentials are worth refreshing."""
+        ...
+
+    async def run(self) -> None:
+        """Keep the directory current until cancelled."""
+        ...
+
+
+RoleChanged = Callable[[str], None]
+"""Told the subject whose role changed or went away; the cache drops its entries."""

@@ -13,6 +13,7 @@ An exact subject wins over a pattern; among patterns, the first in the file wins
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 
 from daemon.directory.base import DEFAULT_AUDIENCE, Trust
 from daemon.errors import ConfigError, IdentityNotAllowedError
-from daemon.models import Identity
+from daemon.models import CacheKey, Identity
 from daemon.tokens import FileKeySource, UrlKeySource
 
 ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
@@ -53,6 +54,12 @@ class StaticDirectory:
     @property
     def ready(self) -> bool:
         return True
+
+    def in_use(self, key: CacheKey) -> bool:
+        return True  # the file knows no pods: requests alone keep an entry alive (idle eviction)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()  # a file does not change under us; nothing to watch
 
     async def role_for(self, identity: Identity) -> str:
         role = self._exact.get(identity.subject)
