@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,23 @@ ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.
 class Rule:
     subject: str
     role_arn: str
+    # A pattern's regex, built once: matches() runs on every request the exact map misses.
+    _regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        regex = None
+        if self.is_pattern:
+            regex = re.compile(".*".join(re.escape(part) for part in self.subject.split("*")), re.DOTALL)
+        object.__setattr__(self, "_regex", regex)
 
     @property
     def is_pattern(self) -> bool:
         return "*" in self.subject
 
     def matches(self, subject: str) -> bool:
-        if not self.is_pattern:
+        if self._regex is None:
             return subject == self.subject
-        regex = ".*".join(re.escape(part) for part in self.subject.split("*"))
-        return re.fullmatch(regex, subject, re.DOTALL) is not None
+        return self._regex.fullmatch(subject) is not None
 
 
 class StaticDirectory:
