@@ -1,10 +1,11 @@
 """List-then-watch of one Kubernetes resource, kept in memory, told of every change.
 
 The loop is the one the API documents ("efficient detection of changes"): list,
-then watch from the list's resourceVersion with bookmarks, resume each watch from
-the last resourceVersion seen, list again on 410 Gone, and back off with jitter
-on any other failure. It never ends by itself and never busy-loops. A relist
-diffs against the store, so deletions missed during an outage are still seen.
+then watch from the list's resourceVersion with bookmarks, resume each watch that
+ends from the last resourceVersion seen, list again on 410 Gone. On any failure
+it backs off with jitter and lists again when the server answers. It never ends
+by itself and never busy-loops. A relist diffs against the store, so changes and
+deletions missed during an outage are still seen.
 
 Objects are kept as the API's raw JSON (dicts): the directory reads a handful of
 fields and the models' validation would only cost time.
@@ -34,6 +35,14 @@ OnChange = Callable[[Obj | None, Obj | None], None]  # (old, new); None = absent
 WATCH_TIMEOUT_SECONDS = 300  # the server ends each watch after this; we resume at once
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
+
+
+async def raw_json(response: Any) -> Any:
+    """The body of a call made with `_preload_content=False`, which does not raise on errors."""
+    body = await response.read()
+    if not 200 <= response.status <= 299:
+        raise ApiException(status=response.status, reason=body[:200].decode(errors="replace"))
+    return json.loads(body)
 
 
 def key_of(obj: Obj) -> Key:
@@ -84,14 +93,16 @@ class Informer:
             except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 failures += 1
                 self.healthy = False
+                # List again once back: it proves the server answers (a resumed watch
+                # says nothing until its first event) and the diff catches what was missed.
+                self._resource_version = None
                 self._restart("error")
                 delay = self._rng.uniform(0, min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2**failures))
                 log.warning("%s informer: %s; retrying in %.1f s", self.name, _describe(exc), delay)
                 await asyncio.sleep(delay)
 
     async def _relist(self) -> None:
-        response = await self._list_call(_preload_content=False, **self._selector)
-        document = json.loads(await response.read())
+        document = await raw_json(await self._list_call(_preload_content=False, **self._selector))
         fresh = {key_of(item): item for item in document.get("items", [])}
         old_store, self.store = self.store, fresh
         for key, item in fresh.items():

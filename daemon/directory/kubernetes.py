@@ -30,7 +30,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from daemon import metrics
-from daemon.directory.informer import Informer, Key, Obj
+from daemon.directory.informer import Informer, Key, Obj, raw_json
 from daemon.errors import DirectoryUnavailableError, IdentityNotAllowedError, TokenError
 from daemon.models import CacheKey, Clock, Identity, VerifiedToken, fingerprint
 
@@ -161,8 +161,7 @@ class KubernetesDirectory:
             if self._pod_arrivals.get(key) is arrival and not arrival.is_set():
                 self._pod_arrivals.pop(key, None)
         try:
-            response = await self._core.read_namespaced_pod(key[1], key[0], _preload_content=False)
-            return json.loads(await response.read())  # type: ignore[no-any-return]
+            return await raw_json(await self._core.read_namespaced_pod(key[1], key[0], _preload_content=False))  # type: ignore[no-any-return]
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -204,11 +203,11 @@ class ApiServerKeySource:
     async def issuer(self) -> str:
         # These two return str() of a dict unless asked for the raw body (DESIGN.md section 9).
         response = await self._well_known.get_service_account_issuer_open_id_configuration(_preload_content=False)
-        return str(json.loads(await response.read())["issuer"])
+        return str((await raw_json(response))["issuer"])
 
     async def fetch(self) -> Mapping[str, Any]:
         response = await self._openid.get_service_account_issuer_open_id_keyset(_preload_content=False)
-        return json.loads(await response.read())  # type: ignore[no-any-return]
+        return await raw_json(response)  # type: ignore[no-any-return]
 
 
 class TokenReviewVerifier:
@@ -277,7 +276,7 @@ class TokenReviewVerifier:
         }
         try:
             response = await self._auth.create_token_review(body, _preload_content=False)
-            return (json.loads(await response.read()).get("status")) or {}
+            return (await raw_json(response)).get("status") or {}
         except ApiException as exc:
             raise DirectoryUnavailableError(f"TokenReview failed: API server answered {exc.status}") from exc
         except (aiohttp.ClientError, OSError) as exc:
