@@ -7,6 +7,8 @@ Call sites use `metrics.NAME`.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 NAMESPACE = "irsa_cache"
@@ -103,6 +105,21 @@ WATCH_RESTARTS = Counter(
 DIRECTORY_READY = Gauge(
     "directory_ready", "1 when the directory and signing keys are loaded.", namespace=NAMESPACE
 )
+
+
+# Series of the hot path, resolved once: labels() takes a lock and looks the child up
+# by its label values on every call, and every credential request used three.
+
+
+@functools.cache
+def request_series(code: int, outcome: str) -> tuple[Counter, Histogram]:
+    """The request counter and duration histogram for one HTTP status and outcome."""
+    return REQUESTS.labels(code=str(code), outcome=outcome), REQUEST_DURATION.labels(outcome=outcome)
+
+
+@functools.cache
+def token_verification(result: str) -> Counter:
+    return TOKEN_VERIFICATIONS.labels(result=result)
 
 
 def _create_known_series() -> None:

@@ -117,8 +117,9 @@ def create_app(
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
             response = error_response(500, "internal_error", "internal error; see the daemon's log")
-        metrics.REQUESTS.labels(code=str(response.status), outcome=outcome).inc()
-        metrics.REQUEST_DURATION.labels(outcome=outcome).observe(time.perf_counter() - started)
+        requests, duration = metrics.request_series(response.status, outcome)
+        requests.inc()
+        duration.observe(time.perf_counter() - started)
         return response
 
     async def get_credentials(request: web.Request) -> web.Response:

@@ -135,16 +135,16 @@ class TokenVerifier:
         proof = self._verified.get(digest)
         if proof is not None:
             if now <= proof.expires_at + self._leeway:
-                metrics.TOKEN_VERIFICATIONS.labels(result="cached").inc()
+                metrics.token_verification("cached").inc()
                 return VerifiedToken(identity=proof.identity, raw=token, expires_at=proof.expires_at,
                                      fingerprint=proof.fingerprint)
             del self._verified[digest]  # an expired token is forgotten
         try:
             verified = await self._verify_uncached(token, now)
         except TokenError as exc:
-            metrics.TOKEN_VERIFICATIONS.labels(result=exc.code).inc()
+            metrics.token_verification(exc.code).inc()
             raise
-        metrics.TOKEN_VERIFICATIONS.labels(result="valid").inc()
+        metrics.token_verification("valid").inc()
         self._remember(digest, verified, now)
         return verified
 
