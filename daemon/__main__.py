@@ -1,4 +1,5 @@
-"""The `irsa-cache` command: `serve` runs the daemon, `demo` shows it working end to end."""
+"""The `irsa-cache` command: `serve` runs the daemon, `init-network` puts its link-local
+addresses on the node (the DaemonSet's init container), `demo` shows it working end to end."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from daemon import __version__, config, logs
+from daemon import __version__, config, logs, netsetup
 from daemon.errors import ConfigError
 
 
@@ -17,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the credential cache daemon")
     config.add_serve_options(serve)
+    init_network = commands.add_parser(
+        "init-network",
+        help="add the link-local listen addresses to this node, idempotently (init container; needs NET_ADMIN)",
+        description=netsetup.__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    netsetup.add_arguments(init_network)
     demo = commands.add_parser(
         "demo", help="run an embedded issuer, STS (moto) and daemon, and start simulated pods against it"
     )
@@ -28,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "init-network":
+        return netsetup.main(args)
     if args.command == "demo":
         from daemon import demo
 
