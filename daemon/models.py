@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -77,6 +78,7 @@ class Credentials:
     expiration: datetime
     account_id: str
     assumed_role_arn: str
+    _container_json: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.expiration.tzinfo is None:
@@ -99,6 +101,15 @@ class Credentials:
             "Expiration": self.expiration.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "AccountId": self.account_id,
         }
+
+    def container_json(self) -> bytes:
+        """`to_container_response()` as JSON bytes, encoded on first use and then kept:
+        every cache hit answers these very bytes."""
+        body = self._container_json
+        if body is None:
+            body = json.dumps(self.to_container_response()).encode()
+            object.__setattr__(self, "_container_json", body)  # frozen: a cache, not a change of value
+        return body
 
 
 class Clock(Protocol):

@@ -67,10 +67,13 @@ def error_body(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message, "Code": code, "Message": message}
 
 
-def json_response(payload: dict[str, str], *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    payload: dict[str, str] | bytes, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     # Bytes, not text: the Content-Type stays exactly "application/json" (no charset),
     # which is what the Go SDK checks before it parses an error body.
-    return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json", headers=headers)
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
@@ -149,7 +152,7 @@ def create_app(
                 "token_fingerprint": verified.fingerprint,
             },
         )
-        return json_response(credentials.to_container_response())
+        return json_response(credentials.container_json())  # encoded once per credentials
 
     app = web.Application(middlewares=[error_middleware])
     app.router.add_get(CREDENTIALS_PATH, get_credentials)
