@@ -56,7 +56,7 @@ class CachePolicy:
     retry_max_seconds: float = 120.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     key: CacheKey
     token: VerifiedToken | None

@@ -2,7 +2,8 @@
 
 A leaf module: it imports nothing from the package, so every other module can
 depend on it. Values are frozen and check themselves when built; secrets are
-kept out of every repr.
+kept out of every repr. They have slots, no `__dict__`: each cached identity
+holds several of them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Identity:
     """Who a verified token says the caller is."""
 
@@ -35,7 +36,7 @@ class Identity:
     pod_uid: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class VerifiedToken:
     """A token whose signature and claims checked out, with what it proves."""
 
@@ -45,7 +46,7 @@ class VerifiedToken:
     fingerprint: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class CacheKey:
     """What an entry of the cache is for (DESIGN.md 6.2).
 
@@ -68,7 +69,7 @@ class CacheKey:
         )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Credentials:
     """Temporary AWS credentials as STS issued them."""
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+from datetime import timezone
 from typing import Any
 
 from aiobotocore.session import get_session
@@ -141,7 +142,9 @@ class StsSource:
             access_key_id=issued["AccessKeyId"],
             secret_access_key=issued["SecretAccessKey"],
             session_token=issued["SessionToken"],
-            expiration=issued["Expiration"],
+            # botocore gives a dateutil tzlocal(), a new one per answer: a few hundred bytes
+            # kept with every cached identity, and a slow timestamp() on every hit.
+            expiration=issued["Expiration"].astimezone(timezone.utc),
             account_id=account_id_of(assumed_role_arn),
             assumed_role_arn=assumed_role_arn,
         )

@@ -250,7 +250,7 @@ class TokenVerifier:
         pod = _object_claim(k8s, "pod", "kubernetes.io.pod")
         service_account = _object_claim(k8s, "serviceaccount", "kubernetes.io.serviceaccount")
         identity = Identity(
-            issuer=iss,
+            issuer=self.issuer,  # equal to `iss`; one string for every cached identity, not one per token
             subject=sub,
             audience=self.audience,
             namespace=_string_claim(k8s, "namespace", "kubernetes.io.namespace"),
