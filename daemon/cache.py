@@ -17,12 +17,23 @@ The rules (DESIGN.md section 7):
 
 No I/O and no sleeping here beyond the `run()` loop: time comes from the injected
 clock, and `maintain()` does one pass, so tests drive the cache with a fake clock.
+
+A pass touches only the entries that may need something, not all of them: each entry
+sits in a heap at the earliest time its state can call for action (idle deadline,
+token or credentials expiry, refresh or retry time). An entry is looked at when that
+time comes, decides by the same rules as ever, and goes back in at its next time.
+Requests do not touch the heap: a later `last_used` only makes the idle deadline, found
+when it comes, move on. An entry that is due but cannot refresh (no caller on the node)
+is looked at again on every pass, as before. The soonest expiry, for its gauge, comes
+from a second heap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
+import itertools
 import logging
 import math
 import random
@@ -68,6 +79,7 @@ class _Entry:
     retry_at: float = 0.0  # after a failure, no new attempt while serving stale before this
     failures: int = 0
     evicted: bool = field(default=False)
+    check_at: float = math.inf  # when maintain() looks at this entry next: its live item in the heap
 
     def offer(self, token: VerifiedToken) -> None:
         """Keep the freshest token: it is the one that can refresh furthest ahead."""
@@ -98,6 +110,11 @@ class CredentialCache:
         self._rng = rng or random.Random()
         self._in_use = in_use
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # least recently used first
+        # (time, sequence, entry); items left behind by a rescheduled or evicted entry are
+        # skipped when they surface, and dropped in bulk when they outnumber the entries.
+        self._checks: list[tuple[float, int, _Entry]] = []
+        self._expiries: list[tuple[float, int, _Entry]] = []  # (credentials expire at, ...)
+        self._sequence = itertools.count()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -113,6 +130,8 @@ class CredentialCache:
             entry = self._admit(key, token, now)
         else:
             self._entries.move_to_end(key)
+            if entry.token is None:
+                self._schedule(entry, now)  # a token again: a refresh that waited for one may start
             entry.offer(token)
         entry.last_used = now
 
@@ -142,10 +161,18 @@ class CredentialCache:
         return fresh, Outcome.COALESCED if joined else Outcome.MISS
 
     def maintain(self) -> None:
-        """One pass: start due refreshes, evict what is idle or expired, update gauges."""
+        """One pass: start due refreshes, evict what is idle or expired, update gauges.
+
+        Only entries whose time has come are looked at (see the module docstring)."""
         now = self._clock()
-        nearest = math.inf
-        for entry in list(self._entries.values()):
+        checks = self._checks
+        due: list[_Entry] = []
+        while checks and checks[0][0] <= now:
+            at, _, entry = heapq.heappop(checks)
+            if at == entry.check_at and not entry.evicted:  # else: a stale item
+                entry.check_at = math.inf
+                due.append(entry)
+        for entry in due:
             token = entry.usable_token(now)
             cached = entry.credentials
             if now - entry.last_used > self._policy.idle_evict_seconds:
@@ -155,11 +182,13 @@ class CredentialCache:
                 self._evict(entry, "expired")  # nothing to serve and nothing to refresh with
                 continue
             if cached is not None:
-                nearest = min(nearest, cached.remaining(now))
-                due = now >= max(entry.refresh_at, entry.retry_at)
-                if due and entry.exchange is None and token is not None and self._in_use(entry.key):
+                due_now = now >= max(entry.refresh_at, entry.retry_at)
+                if due_now and entry.exchange is None and token is not None and self._in_use(entry.key):
                     self._start_exchange(entry, token, Priority.REFRESH)
-        metrics.NEAREST_EXPIRY.set(0 if nearest == math.inf else max(nearest, 0))
+            self._schedule(entry, self._next_check(entry))
+        nearest = self._nearest_expiry()
+        metrics.NEAREST_EXPIRY.set(0 if nearest == math.inf else max(nearest - now, 0))
+        self._compact()
 
     def drop(self, matches: Callable[[CacheKey], bool], reason: str) -> int:
         """Evict every entry whose key matches, at once (say, a role annotation changed).
@@ -168,6 +197,58 @@ class CredentialCache:
         for entry in doomed:
             self._evict(entry, reason)
         return len(doomed)
+
+    def _next_check(self, entry: _Entry) -> float:
+        """The earliest time at which maintain() may have something to do with `entry`.
+
+        May be now or past: an entry due but held back (no caller on the node) is
+        looked at again on the next pass, as every entry used to be."""
+        # Early by a millisecond, so that rounding in the sum can never make the
+        # idle eviction later than `now - last_used > idle_evict_seconds` says.
+        at = entry.last_used + self._policy.idle_evict_seconds - _EARLY_SECONDS
+        token = entry.token
+        if token is not None:
+            at = min(at, token.expires_at)  # dropped then (DESIGN.md 6.6)
+        cached = entry.credentials
+        if cached is not None and entry.exchange is None:  # an exchange under way reschedules when it ends
+            at = min(at, cached.expires_at)  # with no token left, evicted then
+            if token is not None:  # without one, get() reschedules when a token comes
+                at = min(at, max(entry.refresh_at, entry.retry_at))
+        return at
+
+    def _schedule(self, entry: _Entry, at: float) -> None:
+        """Have maintain() look at `entry` at `at`, unless it will already look sooner."""
+        if at < entry.check_at and not entry.evicted:
+            entry.check_at = at
+            heapq.heappush(self._checks, (at, next(self._sequence), entry))
+
+    def _nearest_expiry(self) -> float:
+        """When the soonest credentials of a cached entry expire (math.inf: none)."""
+        expiries = self._expiries
+        while expiries:
+            at, _, entry = expiries[0]
+            if not entry.evicted and entry.credentials is not None and entry.credentials.expires_at == at:
+                return at
+            heapq.heappop(expiries)  # evicted, or its credentials were replaced
+        return math.inf
+
+    def _compact(self) -> None:
+        """Rebuild a heap from the live entries once stale items outnumber them."""
+        limit = 2 * len(self._entries) + _COMPACT_SLACK
+        if len(self._checks) > limit:
+            self._checks = [
+                (entry.check_at, next(self._sequence), entry)
+                for entry in self._entries.values()
+                if entry.check_at != math.inf
+            ]
+            heapq.heapify(self._checks)
+        if len(self._expiries) > limit:
+            self._expiries = [
+                (entry.credentials.expires_at, next(self._sequence), entry)
+                for entry in self._entries.values()
+                if entry.credentials is not None
+            ]
+            heapq.heapify(self._expiries)
 
     async def run(self, *, interval_seconds: float) -> None:
         """Maintain the cache until cancelled; then cancel exchanges still under way."""
@@ -186,6 +267,7 @@ class CredentialCache:
             self._evict(oldest, "capacity")
         entry = _Entry(key=key, token=token, last_used=now)
         self._entries[key] = entry
+        self._schedule(entry, self._next_check(entry))
         metrics.CACHE_ENTRIES.set(len(self._entries))
         return entry
 
@@ -239,18 +321,22 @@ class CredentialCache:
             error = StsUnavailableError(f"STS exchange failed unexpectedly: {type(exc).__name__}")
             self._record_failure(entry, error, reason)
             raise error from exc
+        else:
+            now = self._clock()
+            entry.credentials = credentials
+            entry.failures = 0
+            entry.retry_at = 0.0
+            entry.refresh_at = self._refresh_time(credentials, now)
+            if not entry.evicted:
+                heapq.heappush(self._expiries, (credentials.expires_at, next(self._sequence), entry))
         finally:
             entry.exchange = None
             entry.ticket = None
-        now = self._clock()
-        elapsed = loop.time() - started
-        entry.credentials = credentials
-        entry.failures = 0
-        entry.retry_at = 0.0
-        entry.refresh_at = self._refresh_time(credentials, now)
+            # Success, failure or cancellation: the entry's next time (refresh, retry, expiry).
+            self._schedule(entry, self._next_check(entry))
         log.info(
             "exchanged token for %s (%s) in %.3f s",
-            entry.key.subject, reason, elapsed,
+            entry.key.subject, reason, loop.time() - started,
             extra={"role_arn": entry.key.role_arn, "reason": reason, "access_key_id": credentials.access_key_id,
                    "expiration": credentials.to_container_response()["Expiration"]},
         )
@@ -272,6 +358,10 @@ class CredentialCache:
         lifetime = max(credentials.remaining(now), 0.0)
         jitter = self._rng.uniform(-self._policy.refresh_jitter, self._policy.refresh_jitter)
         return now + lifetime * (0.5 + jitter)
+
+
+_EARLY_SECONDS = 0.001
+_COMPACT_SLACK = 1024
 
 
 def _permanent(error: DaemonError) -> bool:

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from daemon.cache import CachePolicy, CredentialCache, Outcome
+from daemon.cache import CachePolicy, CredentialCache, Outcome, _Entry
 from daemon.errors import OverloadedError, StsDeniedError, StsError, StsUnavailableError
 from daemon.models import CacheKey, Credentials, Identity, Priority, Ticket, VerifiedToken
 from tests.conftest import FakeClock, metric
@@ -394,3 +394,91 @@ async def test_identities_no_longer_in_use_are_not_refreshed(clock: FakeClock, s
 
     refreshed = [token.identity.subject for _, token in source.calls[2:]]
     assert refreshed == ["system:serviceaccount:ns:a"]
+
+
+async def test_a_pass_looks_only_at_entries_whose_time_has_come(
+    clock: FakeClock, source: FakeSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = new_cache(source, clock, CachePolicy(serve_floor_seconds=960, refresh_jitter=0.0, max_entries=2000))
+    early = [make_token(clock, f"system:serviceaccount:ns:early-{n}") for n in range(10)]
+    for token in early:
+        await cache.get(key_for(token), token)
+    clock.advance(600)
+    late = [make_token(clock, f"system:serviceaccount:ns:late-{n}") for n in range(1000)]
+    for token in late:
+        await cache.get(key_for(token), token)
+    # Reads internals: every entry a pass looks at starts with its token.
+    looked_at: list[str] = []
+    usable_token = _Entry.usable_token
+
+    def counting(entry: _Entry, now: float) -> VerifiedToken | None:
+        looked_at.append(entry.key.subject)
+        return usable_token(entry, now)
+
+    monkeypatch.setattr(_Entry, "usable_token", counting)
+
+    clock.advance(SESSION_SECONDS / 2 - 600 + 1)  # the early ten are due; the late thousand in 599 s
+    cache.maintain()
+    await settle()
+
+    assert sorted(looked_at) == sorted(token.identity.subject for token in early)
+    assert len(source.calls) == 1010 + 10
+
+
+async def test_a_refresh_that_waited_for_a_token_starts_once_one_comes(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    short = make_token(clock, lifetime=600, tag="short")
+    await cache.get(key_for(short), short)
+    clock.advance(SESSION_SECONDS / 2 + 1)  # due, but the only token expired
+    cache.maintain()
+    await settle()
+    assert len(source.calls) == 1
+
+    clock.advance(10)
+    fresh = make_token(clock, tag="fresh")
+    assert (await cache.get(key_for(fresh), fresh))[1] is Outcome.HIT  # still above the floor
+    cache.maintain()
+    await settle()
+
+    assert len(source.calls) == 2 and source.calls[1][1] is fresh
+    assert source.reasons == ["cold", "refresh"]
+
+
+async def test_the_nearest_expiry_follows_refreshes_and_evictions(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    first = make_token(clock, "system:serviceaccount:ns:first")
+    await cache.get(key_for(first), first)
+    clock.advance(600)
+    second = make_token(clock, "system:serviceaccount:ns:second")
+    await cache.get(key_for(second), second)
+    cache.maintain()
+    assert metric("irsa_cache_cache_nearest_expiry_seconds") == SESSION_SECONDS - 600
+
+    clock.advance(SESSION_SECONDS / 2 - 600 + 1)  # the first is refreshed: the second is now the soonest
+    cache.maintain()
+    await settle()
+    cache.maintain()
+    assert metric("irsa_cache_cache_nearest_expiry_seconds") == SESSION_SECONDS / 2 + 600 - 1
+
+    cache.drop(lambda key: key.subject.endswith(":second"), "directory")
+    cache.maintain()
+    assert metric("irsa_cache_cache_nearest_expiry_seconds") == SESSION_SECONDS  # refreshed just now
+
+    cache.drop(lambda key: True, "directory")
+    cache.maintain()
+    assert metric("irsa_cache_cache_nearest_expiry_seconds") == 0
+
+
+async def test_schedules_of_evicted_entries_do_not_pile_up(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock, CachePolicy(max_entries=10))
+    for n in range(5000):  # each evicts the least recently used: 4,990 evictions
+        token = make_token(clock, f"system:serviceaccount:ns:churn-{n}")
+        await cache.get(key_for(token), token)
+        if n % 100 == 0:
+            clock.advance(1)
+            cache.maintain()
+    cache.maintain()
+
+    assert len(cache) == 10
+    # Reads internals: the two heaps are rebuilt once stale items outnumber the entries.
+    assert len(cache._checks) <= 2 * 10 + 1024 and len(cache._expiries) <= 2 * 10 + 1024
