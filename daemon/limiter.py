@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -45,6 +46,7 @@ class BudgetPolicy:
     concurrency: int = 8
     max_queued: int = 500  # exchanges waiting for budget; past it, callers get 503 at once
     min_rate_per_second: float = 0.5  # throttling never cuts below this
+    cut_interval_seconds: float = 1.0  # throttles within this of a cut are the same wave
 
 
 class BudgetExhaustedError(OverloadedError):
@@ -66,6 +68,7 @@ class StsBudget:
         self._seq = itertools.count()
         self._wakeup: asyncio.TimerHandle | None = None
         self._cubic = CubicCalculator(starting_max_rate=policy.rate_per_second, start_time=now)
+        self._last_cut = -math.inf
         self._throttled_since_success = False
         metrics.STS_BUDGET_RATE.set(self.rate)
 
@@ -94,9 +97,12 @@ class StsBudget:
         """STS said slow down: cut the rate (CUBIC's multiplicative decrease) and spend the bucket."""
         now = self._loop.time()
         self._refill(now)
-        self.rate = max(self._policy.min_rate_per_second, self._cubic.error_received(self.rate, now))
         self._tokens = min(self._tokens, 0.0)
         self._throttled_since_success = True
+        if now - self._last_cut < self._policy.cut_interval_seconds:
+            return  # the same wave of calls, answered together: one cut, not one per answer
+        self._last_cut = now
+        self.rate = max(self._policy.min_rate_per_second, self._cubic.error_received(self.rate, now))
         metrics.STS_BUDGET_RATE.set(self.rate)
         log.warning("STS throttled: budget cut to %.2f calls/s", self.rate)
 

@@ -80,7 +80,11 @@ async def test_throttling_cuts_the_rate_and_successes_bring_it_back() -> None:
     budget.throttled()
     assert budget.rate == pytest.approx(7.0)  # CUBIC's beta = 0.7
     assert metric("irsa_cache_sts_budget_rate") == pytest.approx(7.0)
-    budget.throttled()
+    for _ in range(7):  # a wave of concurrent calls all answered Throttling: one cut
+        budget.throttled()
+    assert budget.rate == pytest.approx(7.0)
+    await asyncio.sleep(1)
+    budget.throttled()  # still throttled a second later: cut again
     assert budget.rate == pytest.approx(4.9)
 
     rates = []
@@ -96,6 +100,7 @@ async def test_throttling_never_cuts_below_the_floor() -> None:
     budget = StsBudget(BudgetPolicy(rate_per_second=10, burst=20, concurrency=10, min_rate_per_second=0.5))
     for _ in range(30):
         budget.throttled()
+        await asyncio.sleep(1)
     assert budget.rate == pytest.approx(0.5)
 
 
