@@ -80,6 +80,7 @@ class Credentials:
     account_id: str
     assumed_role_arn: str
     _container_json: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _served: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.expiration.tzinfo is None:
@@ -104,12 +105,17 @@ class Credentials:
         }
 
     def container_json(self) -> bytes:
-        """`to_container_response()` as JSON bytes, encoded on first use and then kept:
-        every cache hit answers these very bytes."""
+        """`to_container_response()` as JSON bytes, kept from the second use on: every
+        further cache hit answers these very bytes. Credentials served once (an identity
+        with one pod fetches about once per lifetime) do not carry a copy of the body."""
         body = self._container_json
         if body is None:
             body = json.dumps(self.to_container_response()).encode()
-            object.__setattr__(self, "_container_json", body)  # frozen: a cache, not a change of value
+            # Frozen: these two are a cache, not a change of value.
+            if self._served:
+                object.__setattr__(self, "_container_json", body)
+            else:
+                object.__setattr__(self, "_served", True)
         return body
 
 
