@@ -232,7 +232,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
-    for option in SERVE_OPTIONS:
+    add_options(parser, SERVE_OPTIONS)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Each option as a flag whose help names its default and its environment variable."""
+    for option in options:
         default = f" (default: {option.default})" if option.default is not None else ""
         help_text = f"{option.help}{default}; env {option.env}"
         if option.flag_only:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from daemon import logs
-from daemon.config import Option, parse_bool, parse_choice
+from daemon.config import Option, add_options, parse_bool, parse_choice
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -84,14 +84,7 @@ class NetworkSetupError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for option in NETWORK_OPTIONS:
-        default = f" (default: {option.default})" if option.default is not None else ""
-        help_text = f"{option.help}{default}; env {option.env}"
-        if option.flag_only:
-            parser.add_argument(option.flag, dest=option.dest, action="store_const", const="true", default=None,
-                                help=help_text)
-        else:
-            parser.add_argument(option.flag, dest=option.dest, default=None, metavar=option.metavar, help=help_text)
+    add_options(parser, NETWORK_OPTIONS)
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> NetworkSettings:
