@@ -1,7 +1,6 @@
 """The credential cache: one STS exchange per identity, shared by every pod of it.
 
-Entries are keyed by `CacheKey` (role, issuer, subject, audience; DESIGN.md 6.2).
-The rules (DESIGN.md section 7):
+Entries are keyed by `CacheKey` (role, issuer, subject, audience). The rules:
 
 - single-flight: however many callers arrive together, one exchange per key; it
   runs as its own task, so a caller that disconnects does not cancel it, and a
@@ -88,7 +87,7 @@ class _Entry:
 
     def usable_token(self, now: float) -> VerifiedToken | None:
         if self.token is not None and self.token.expires_at <= now:
-            self.token = None  # an expired token is useless and is not kept (DESIGN.md 6.6)
+            self.token = None  # an expired token is useless and is not kept
         return self.token
 
 
@@ -208,7 +207,7 @@ class CredentialCache:
         at = entry.last_used + self._policy.idle_evict_seconds - _EARLY_SECONDS
         token = entry.token
         if token is not None:
-            at = min(at, token.expires_at)  # dropped then (DESIGN.md 6.6)
+            at = min(at, token.expires_at)  # dropped then: an expired token is not kept
         cached = entry.credentials
         if cached is not None and entry.exchange is None:  # an exchange under way reschedules when it ends
             at = min(at, cached.expires_at)  # with no token left, evicted then
@@ -278,7 +277,7 @@ class CredentialCache:
             metrics.CACHE_ENTRIES.set(len(self._entries))
             log.info("evicted %s (%s)", entry.key.subject, reason, extra={"role_arn": entry.key.role_arn, "reason": reason})
         entry.evicted = True
-        entry.token = None  # the pod token goes with its entry (DESIGN.md 6.6)
+        entry.token = None  # the pod token goes with its entry
 
     def _servable_stale(self, credentials: Credentials, now: float) -> bool:
         return credentials.remaining(now) > self._policy.stale_cutoff_seconds

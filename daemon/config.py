@@ -294,7 +294,7 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
         if address.host in ("0.0.0.0", "::"):
             problems.append(
                 f"{src['listen']}: {address} would offer credentials to the whole network; name the link-local "
-                "or loopback address pods use (DESIGN.md 6.7)"
+                "or loopback address pods use"
             )
 
     region, region_source = v["region"], src["region"]

@@ -40,7 +40,7 @@ class RequestError(DaemonError):
 
 
 class WrongHostError(RequestError):
-    """The Host header names none of the listen addresses (DESIGN.md 6.7)."""
+    """The Host header names none of the listen addresses."""
 
     code = "wrong_host"
 

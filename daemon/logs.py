@@ -1,7 +1,7 @@
 """JSON log lines, one event per line, with the `extra=` fields of each call.
 
 Callers never pass secrets: credentials travel as `access_key_id` (an identifier
-CloudTrail also logs), tokens as their fingerprint (DESIGN.md 6.5).
+CloudTrail also logs), tokens as their fingerprint.
 
 The audit logger writes a line for every credential issued, so a line must be
 cheap: `configure()` turns off what logging would gather for nothing (the caller's

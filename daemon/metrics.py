@@ -1,4 +1,4 @@
-"""Every Prometheus metric the daemon exports, defined once (DESIGN.md section 8).
+"""Every Prometheus metric the daemon exports, defined once.
 
 Label values come from small fixed sets and are created up front so that series
 start at 0. Never a pod name, token or role as a label: role ARNs are unbounded.

@@ -48,7 +48,7 @@ class VerifiedToken:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CacheKey:
-    """What an entry of the cache is for (DESIGN.md 6.2).
+    """What an entry of the cache is for.
 
     Never the role alone: two identities may map to one role and only STS knows
     whether the trust policy admits both. Never the raw token: that defeats sharing.
@@ -94,7 +94,7 @@ class Credentials:
         return self.expires_at - now
 
     def to_container_response(self) -> dict[str, str]:
-        """The body every SDK's container provider parses (DESIGN.md section 2)."""
+        """The body every SDK's container provider parses."""
         return {
             "AccessKeyId": self.access_key_id,
             "SecretAccessKey": self.secret_access_key,

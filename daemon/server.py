@@ -4,7 +4,7 @@
       -> Host check -> tokens.verify -> directory.role_for -> cache.get -> 200 JSON
 
 Every failure, ours or aiohttp's 404/405, leaves through `error_middleware` as the
-JSON body every SDK parses (DESIGN.md section 2), and is counted there. The metrics
+JSON body every SDK parses, and is counted there. The metrics
 listener is a separate app: /metrics, /healthz, /readyz.
 """
 
@@ -49,7 +49,7 @@ class Verifier(Protocol):
 
 
 def allowed_hosts(addresses: Iterable[Address]) -> frozenset[str]:
-    """Host header values that name one of our listen addresses (DESIGN.md 6.7)."""
+    """Host header values that name one of our listen addresses."""
     hosts: set[str] = set()
     for address in addresses:
         names = [f"[{address.host}]" if ":" in address.host else address.host]

@@ -4,7 +4,7 @@ The only module that knows botocore. The call is unsigned (the node needs no AWS
 credentials of its own) and goes to the regional endpoint. Each call is a single
 attempt: retries go through the node's STS budget (`limiter.py`), so that every
 request STS sees was paid for. This module decides, next to the client, which
-failures are permanent and which are throttling (DESIGN.md section 3).
+failures are permanent and which are throttling.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ PyJWT does the cryptography (signature by a trusted key, with an algorithm from
 the allow-list); the claims are checked here against the injected clock, so that
 each failure names its claim and tests can move time. Results are kept per token
 digest: the hot path does no RSA work for a token it has already seen, yet expiry
-is checked on every use (DESIGN.md 6.1).
+is checked on every use.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class TokenVerifier:
         self._last_fetch: float | None = None
         self._fetch_lock = asyncio.Lock()
         # What a token proved, by digest: never the token itself, which stays only with
-        # the cache entry that may need it to refresh (DESIGN.md 6.6).
+        # the cache entry that may need it to refresh.
         self._verified: dict[bytes, _Proof] = {}
 
     @property

@@ -1,4 +1,4 @@
-"""The cache rules of DESIGN.md section 7, driven by a fake clock and a fake STS."""
+"""The cache rules (refresh, serve floor, eviction, single flight), driven by a fake clock and a fake STS."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def test_adds_the_ipv4_address_on_the_dummy_link_or_else_lo(netns: str) -> None:
     assert holder(netns, "169.254.170.23/32") == [expected]
     assert "UP" in links(netns)[expected]["flags"]
     assert not any("fd00:ec2::23" in held for held in addresses(netns).values())
-    if expected == "lo":  # this kernel: DESIGN.md 9
+    if expected == "lo":  # this kernel has no dummy link type
         assert any("no dummy link type" in line["message"] for line in run.at("warning")), run.stderr
     assert run.lines[-1]["message"] == f"node network ready: 169.254.170.23/32 on {expected}"
 

@@ -526,7 +526,7 @@ async def test_discovery_endpoints_parse_only_without_preloaded_content(
     rotated_response = await openid.get_service_account_issuer_open_id_keyset(_preload_content=False)
     after = json.loads(await rotated_response.read())
 
-    # DESIGN.md 9: preloaded, the client hands back str() of a dict, which is not JSON.
+    # Preloaded, the client hands back str() of a dict, which is not JSON.
     assert isinstance(preloaded, str) and preloaded.startswith("{'issuer'")
     with pytest.raises(ValueError):
         json.loads(preloaded)

@@ -1,4 +1,4 @@
-"""The STS budget (DESIGN.md section 7) on virtual loop time, and the retries through it."""
+"""The STS budget on virtual loop time, and the retries through it."""
 
 from __future__ import annotations
 

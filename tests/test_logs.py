@@ -1,5 +1,5 @@
 """What the daemon writes to its log: JSON lines, an audit line per credential
-issued, and never a secret or a token (DESIGN.md 6.5)."""
+issued, and never a secret or a token."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile and broken requests over real HTTP (DESIGN.md sections 2 and 6).
+"""Hostile and broken requests over real HTTP: the client contract and the security invariants.
 
 Every bad input must get its status and the JSON error body every SDK parses,
 must not leak the token or a secret, and must leave the daemon serving: after
@@ -71,7 +71,7 @@ async def ask(
 
 
 def assert_refused(reply: Reply, status: int, code: str, *mentions: str) -> str:
-    """The error contract of DESIGN.md section 2; returns the message."""
+    """The error contract every SDK parses; returns the message."""
     assert reply.status == status, reply.text
     assert reply.content_type == "application/json"  # exactly: the Go SDK parses only then
     body = reply.body
@@ -94,7 +94,7 @@ async def assert_still_serving(http: aiohttp.ClientSession, daemon: RunningDaemo
 
 
 def assert_nothing_leaks(text: str, token: str | None, secrets: dict[str, str]) -> None:
-    """DESIGN.md 6.5: neither the token, nor a segment of it, nor a served secret, in `text`."""
+    """Neither the token, nor a segment of it, nor a served secret, in `text`."""
     if token:
         assert token not in text
         for segment in token.split("."):
@@ -418,7 +418,7 @@ async def test_sts_slower_than_the_timeout_is_a_504(
     await assert_still_serving(http, daemon, issuer)
 
 
-# --- the security invariants of DESIGN.md section 6 ---
+# --- the security invariants ---
 
 
 async def test_the_role_comes_from_the_directory_never_from_the_request(

@@ -1,4 +1,4 @@
-"""TokenVerifier alone (DESIGN.md 6.1): signature, algorithm, claims and key set,
+"""TokenVerifier alone: signature, algorithm, claims and key set,
 against a fake clock and an in-memory key source that counts its fetches."""
 
 from __future__ import annotations
@@ -669,7 +669,7 @@ async def test_a_refused_token_is_not_cached(verifier: TokenVerifier, issuer: Is
 async def test_the_verification_cache_keeps_what_a_token_proved_not_the_token(
     verifier: TokenVerifier, issuer: Issuer, clock: FakeClock
 ) -> None:
-    # DESIGN.md 6.6: the raw token lives only with the cache entry that may refresh with it.
+    # The raw token lives only with the cache entry that may refresh with it.
     token = issuer.mint(SUBJECT, now=clock())
     first = await verifier.verify(token)
     again = await verifier.verify(token)

@@ -2,7 +2,7 @@
 
 A directory answers two questions: which issuer and keys to trust (`Trust`), and
 which role a verified identity may use (`Directory.role_for`). The role comes from
-the directory, never from the request (DESIGN.md 6.3).
+the directory, never from the request.
 """
 
 from __future__ import annotations

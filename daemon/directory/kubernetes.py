@@ -4,7 +4,7 @@
   `<prefix>/role-arn` annotation (IRSA's own). When it changes or goes, or the
   account is deleted, the subject's cache entries are dropped at once.
 - Liveness: an informer over this node's Pods (`spec.nodeName=<node>`). A token
-  bound to a pod is honoured only while that pod is live here (DESIGN.md 6.4); a
+  bound to a pod is honoured only while that pod is live here; a
   pod too new for the informer gets a short wait, then one direct read. Only
   identities with a live pod here are refreshed.
 - Trust: the issuer and key set from the API server's discovery endpoints, through
@@ -193,7 +193,7 @@ class KubernetesDirectory:
 
 
 class ApiServerKeySource:
-    """The service-account issuer's key set, read from the API server (DESIGN.md section 4)."""
+    """The service-account issuer's key set, read from the API server."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self._openid = client.OpenidApi(api)
@@ -201,7 +201,7 @@ class ApiServerKeySource:
         self.description = "the API server's /openid/v1/jwks"
 
     async def issuer(self) -> str:
-        # These two return str() of a dict unless asked for the raw body (DESIGN.md section 9).
+        # These two return str() of a dict unless asked for the raw body (kubernetes-asyncio 36).
         response = await self._well_known.get_service_account_issuer_open_id_configuration(_preload_content=False)
         return str((await raw_json(response))["issuer"])
 
