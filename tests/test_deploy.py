@@ -18,9 +18,7 @@ package. Under CI=true a missing tool fails the test; elsewhere it is skipped, s
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -28,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -69,24 +66,6 @@ OLDEST_KUBERNETES = "1.29"
 KUBERNETES_VERSIONS = (OLDEST_KUBERNETES, kubernetes_validate.latest_version())
 
 NODE = "node-a"
-
-
-@pytest.fixture(autouse=True)
-def _close_the_loop_made_for_a_sync_test(request: pytest.FixtureRequest) -> Iterator[None]:
-    """looptime's plugin asks the event loop policy for a loop even in a sync test, which
-    creates one that nobody closes; its ResourceWarning would then fail whichever test the
-    garbage collector happens to run in. Close it where it was made."""
-    yield
-    if not inspect.iscoroutinefunction(request.function):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                loop = asyncio.get_event_loop_policy().get_event_loop()
-        except RuntimeError:  # none set (this fixture already cleared it): nothing was made
-            return
-        if not loop.is_running():
-            loop.close()
-            asyncio.set_event_loop(None)
 
 
 def documents(path: Path) -> list[dict[str, Any]]:

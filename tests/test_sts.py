@@ -7,9 +7,11 @@ The integration tests talk to moto through the recording, fault-injecting proxy
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
@@ -33,6 +35,10 @@ CALL_BOUND_SECONDS = 30.0  # no single exchange in these tests may take longer
 # --- session_name_for ---
 
 
+def digest(subject: str) -> str:
+    return hashlib.sha256(subject.encode()).hexdigest()[:12]
+
+
 @pytest.mark.parametrize(
     ("subject", "name"),
     [
@@ -40,9 +46,11 @@ CALL_BOUND_SECONDS = 30.0  # no single exchange in these tests may take longer
         pytest.param("system:serviceaccount:team-a:app", "team-a.app", id="dashes-kept"),
         pytest.param("system:serviceaccount:kube-system:aws-node", "kube-system.aws-node", id="kube-system"),
         pytest.param("system:serviceaccount:ns:my.dotted.sa", "ns.my.dotted.sa", id="dots-kept"),
-        pytest.param("repo:org/app:ref:refs/heads/main", "repo.org-app.ref.refs-heads-main", id="non-kubernetes"),
-        pytest.param("user@example.com", "user@example.com", id="email-kept"),
-        pytest.param("a b+c=d,e", "a-b+c=d,e", id="space-replaced"),
+        pytest.param("repo:org/app:ref:refs/heads/main",
+                     "repo.org-app.ref.refs-heads-main@" + digest("repo:org/app:ref:refs/heads/main"),
+                     id="non-kubernetes"),
+        pytest.param("user@example.com", "user-example.com@" + digest("user@example.com"), id="email"),
+        pytest.param("a b+c=d,e", "a-b+c=d,e@" + digest("a b+c=d,e"), id="space-replaced"),
     ],
 )
 def test_session_name_for(subject: str, name: str) -> None:
@@ -62,6 +70,7 @@ SUBJECTS = [
     pytest.param("system:serviceaccount:" + "n" * 63 + ":" + "s" * 253, id="longest-kubernetes"),
     pytest.param("€" * 300, id="300-symbols"),
     pytest.param("system:serviceaccount:ns:café", id="non-ascii-letter"),
+    pytest.param("web\udc80", id="lone-surrogate"),
 ]
 
 
@@ -72,17 +81,39 @@ def test_session_name_always_fits_sts(subject: str) -> None:
     assert SESSION_NAME.fullmatch(name), name
 
 
-def test_a_64_char_name_is_kept_whole() -> None:
-    assert session_name_for("x" * 64) == "x" * 64
+COLLIDING_WHEN_SANITISED = [
+    # Each group sanitised alike under the old rule (bad characters to '-'): one session
+    # name, and so one CloudTrail identity, for subjects STS and IAM tell apart.
+    pytest.param(["web ", "web\u200b", "web\x00", "web-", "web"], id="invisible-suffixes"),
+    pytest.param(["system:serviceaccount:a:b.c", "system:serviceaccount:a.b:c", "a.b.c", "a:b:c"], id="dots-and-colons"),
+    pytest.param(["system:serviceaccount:ns:café", "system:serviceaccount:ns:caf-", "system:serviceaccount:ns:cafe"],
+                 id="non-ascii"),
+    pytest.param(["x" * 70 + "1", "x" * 70 + "2", "x" * 51 + "@" + "0" * 12], id="long-and-lookalike"),
+    pytest.param(["system:serviceaccount:ns:sa", "ns.sa", "ns:sa"], id="readable-vs-other-issuer"),
+]
 
 
-def test_a_long_subject_is_truncated_with_a_hash() -> None:
+@pytest.mark.parametrize("subjects", COLLIDING_WHEN_SANITISED)
+def test_distinct_subjects_never_share_a_session_name(subjects: list[str]) -> None:
+    names = [session_name_for(subject) for subject in subjects]
+
+    assert len(set(names)) == len(subjects), names
+    assert all(SESSION_NAME.fullmatch(name) for name in names)
+
+
+def test_a_readable_name_splits_back_into_its_subject() -> None:
+    for subject in ("system:serviceaccount:team-a:app", "system:serviceaccount:ns:my.dotted.sa"):
+        namespace, _, name = session_name_for(subject).partition(".")
+        assert f"system:serviceaccount:{namespace}:{name}" == subject
+
+
+def test_a_long_subject_keeps_a_readable_head_and_a_digest() -> None:
     subject = "system:serviceaccount:" + "a" * 300
     name = session_name_for(subject)
 
     assert len(name) == 64
     assert name.startswith("a" * 40)  # a readable head
-    assert re.fullmatch(r"a+-[0-9a-f]{8}", name)
+    assert re.fullmatch(r"a+@[0-9a-f]{12}", name)
 
 
 def test_two_long_subjects_differing_only_at_the_end_get_different_names() -> None:
@@ -94,10 +125,9 @@ def test_two_long_subjects_differing_only_at_the_end_get_different_names() -> No
     assert first[:50] == second[:50]
 
 
-def test_a_short_subject_is_padded_to_two() -> None:
-    assert session_name_for("x") == "x-"
-    assert session_name_for("") == "--"
-    assert len(session_name_for("system:serviceaccount:")) == 2
+def test_a_short_subject_still_has_two_characters() -> None:
+    assert session_name_for("x") == "x@" + digest("x")
+    assert len(session_name_for("")) >= 2
 
 
 # --- account_id_of ---
@@ -158,6 +188,23 @@ def test_classify(
     assert code in error.message
     assert ROLE in error.message
     assert "details here" in error.message
+    assert str(http_status) in error.message
+
+
+def test_classify_never_repeats_the_token_or_any_jwt() -> None:
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    other = "eyJraWQiOiJvdGhlciJ9.eyJpc3MiOiJ5In0.b3RoZXI"
+    error = classify(client_error("InternalFailure", 500, f"echo: WebIdentityToken={token} and {other}\r\n"), ROLE, token)
+
+    assert token not in error.message and other not in error.message
+    assert "\r" not in error.message and "\n" not in error.message
+    assert "<token>" in error.message
+
+
+def test_classify_caps_a_long_message() -> None:
+    error = classify(client_error("InternalFailure", 500, "x" * 100_000), ROLE)
+
+    assert len(error.message) < 600
 
 
 def test_classify_tolerates_a_response_without_error_details() -> None:
@@ -366,3 +413,51 @@ def test_expiration_of_credentials_is_aware() -> None:
             access_key_id="AKIA", secret_access_key="s", session_token="t",
             expiration=datetime(2030, 1, 1), account_id=DEMO_ACCOUNT, assumed_role_arn="arn",
         )
+
+
+# --- answers that are not answers: nothing of them may travel on ---
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzSECRETzKEY"
+SESSION = "FwoGZXIvYXdzEBYaDSESSIONzTOKENzSECRET"
+GOOD_ANSWER = (
+    '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+    "<AssumeRoleWithWebIdentityResult>"
+    "<Credentials><AccessKeyId>ASIAEXAMPLEKEYID0001</AccessKeyId>"
+    f"<SecretAccessKey>{SECRET}</SecretAccessKey><SessionToken>{SESSION}</SessionToken>"
+    "<Expiration>2099-01-01T00:00:00Z</Expiration></Credentials>"
+    f"<AssumedRoleUser><Arn>arn:aws:sts::{DEMO_ACCOUNT}:assumed-role/app-a/ns.sa</Arn>"
+    "<AssumedRoleId>AROAEXAMPLE:ns.sa</AssumedRoleId></AssumedRoleUser>"
+    "</AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+)
+GARBAGE_ANSWERS = [
+    pytest.param(200, GOOD_ANSWER[: len(GOOD_ANSWER) // 2], "text/xml", id="truncated-xml"),
+    pytest.param(200, GOOD_ANSWER.replace("</Credentials>", "<Credentials>"), "text/xml", id="garbled-xml"),
+    pytest.param(200, GOOD_ANSWER.replace("<SessionToken>", "<X>").replace("</SessionToken>", "</X>"),
+                 "text/xml", id="no-session-token"),
+    pytest.param(200, GOOD_ANSWER.replace("2099-01-01T00:00:00Z", "soon"), "text/xml", id="bad-expiration"),
+    pytest.param(200, GOOD_ANSWER.replace(f"arn:aws:sts::{DEMO_ACCOUNT}", "nonsense"), "text/xml", id="bad-arn"),
+    pytest.param(200, f"<html><body>{SECRET} {SESSION}</body></html>", "text/html", id="html-200"),
+    pytest.param(200, "\x00\xff garbage " + SECRET, "application/octet-stream", id="binary-200"),
+    pytest.param(200, GOOD_ANSWER + "x" * 2_000_000, "text/xml", id="oversized"),
+    pytest.param(500, f"<html>Internal error while handling {SECRET}</html>", "text/html", id="html-500"),
+    pytest.param(503, "upstream connect error or disconnect/reset before headers", "text/plain", id="proxy-503"),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "content_type"), GARBAGE_ANSWERS)
+async def test_an_unusable_answer_is_a_passing_error_that_carries_no_secret(
+    exchange: Exchange, sts: StsDouble, status: int, body: str, content_type: str
+) -> None:
+    sts.fault = lambda call: web.Response(status=status, body=body.encode("latin-1"), content_type=content_type)
+
+    with pytest.raises(StsError) as caught:
+        await exchange(sts.url)
+
+    error = caught.value
+    assert error.permanent is False
+    assert error.status in (502, 504)
+    rendered = "".join(traceback.format_exception(error))
+    for secret in (SECRET, SESSION):
+        assert secret not in error.message
+        assert secret not in rendered
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
