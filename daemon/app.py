@@ -1,9 +1,27 @@
 """Wiring and supervision: Settings in, a running daemon out.
 
 The one place that builds components: the directory and its trust, the token
-verifier, the STS source, the cache around it, and the two HTTP listeners. The
-server receives ready objects and constructs nothing. `running()` is what both
-`irsa-cache serve` and the tests use; `serve()` adds signals and supervision.
+verifier, the STS source, the cache around it, and the two listeners. The server
+receives ready objects and constructs nothing. `running()` is what both `irsa-cache
+serve` and the tests use; `serve()` adds signals, supervision and the drain.
+
+What a failure means, per root task:
+
+- a listen address that cannot be bound, a static config or key-set file that is
+  wrong, a kubeconfig that cannot be read: the user can fix it locally, so the
+  daemon exits with status 2 and one line saying what to do;
+- an upstream that cannot be reached at start (the API server, a key-set URL) or
+  later: an outage to wait out, never a reason to exit (every node would crash-loop
+  through it). The daemon starts, /readyz says why it is not ready, and the
+  informers and the key loader retry with backoff; what is cached keeps being served;
+- a root task that raises: a bug in irsa-cache, logged by the task's name, and the
+  daemon exits 1 so that the kubelet restarts it. Nothing an upstream sends can
+  cause it: every upstream answer is translated at its client.
+
+SIGTERM: /readyz turns 503 ("draining"), the credentials sockets stop accepting,
+requests under way (including callers held for an STS exchange) are answered within
+`drain_seconds`: when they are not done by then, held callers get 503 with
+Retry-After (every SDK retries it, on the next daemon). Then the daemon exits 0.
 """
 
 from __future__ import annotations
@@ -11,24 +29,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from daemon import config, limiter, server, sts
+from daemon import config, limiter, listeners, metrics, server, sts
 from daemon.cache import CachePolicy, CredentialCache
 from daemon.directory.base import Directory, RoleChanged, Trust
 from daemon.directory.static import load_static_config
 from daemon.errors import ConfigError
+from daemon.logs import describe
 from daemon.models import Clock, CredentialSource, system_clock
-from daemon.tokens import TokenVerifier
+from daemon.tokens import FileKeySource, TokenVerifier
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 5.0  # well inside a pod's default 30 s termination grace
 DIRECTORY_SYNC_WAIT_SECONDS = 10.0
+CLEANUP_SECONDS = 2.0  # after the drain: close what is left
 
 
 @dataclass
@@ -39,11 +60,34 @@ class RunningDaemon:
     metrics_listen: config.Address
     cache: CredentialCache
     verifier: server.Verifier
+    credentials: list[listeners.Listener] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    draining: bool = False
 
     @property
     def credentials_url(self) -> str:
         return f"http://{self.listen[0]}{server.CREDENTIALS_PATH}"
+
+    async def drain(self, seconds: float) -> None:
+        """Stop taking connections and answer every request under way within `seconds`."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: no new connections; answering requests under way within %.0f s", seconds)
+        for listener in self.credentials:
+            listener.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        tables = {listener.table for listener in self.credentials}
+        # Held callers wait for their exchanges until a second before the deadline...
+        while any(table.busy for table in tables) and loop.time() < deadline - 1.0:
+            await asyncio.sleep(0.05)
+        # ...then get their answer now: 503 + Retry-After, or still valid credentials.
+        self.cache.release_waiters()
+        while any(table.busy for table in tables) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        left = sum(table.busy for table in tables)
+        log.info("drained%s", f"; {left} requests still open at the deadline" if left else "")
 
 
 @dataclass
@@ -52,57 +96,78 @@ class Identities:
 
     directory: Directory
     verifier: server.Verifier
-    issuer: str
     on_role_change: Callable[[RoleChanged], None] = lambda callback: None
 
 
 async def static_identities(settings: config.Settings, clock: Clock) -> Identities:
     assert settings.directory.static_config is not None  # config validated it
     trust, directory = load_static_config(settings.directory.static_config)
-    return Identities(directory=directory, verifier=await _key_set_verifier(trust, clock), issuer=trust.issuer)
+    verifier = _key_set_verifier(trust, clock)
+    if isinstance(trust.key_source, FileKeySource):
+        # A file is the user's to fix: a bad one ends the start with its reason.
+        try:
+            await verifier.load_keys()
+        except Exception as exc:  # noqa: BLE001 - reported as a configuration error
+            raise ConfigError([f"jwks_file: {trust.key_source.path}: {describe(exc)}"]) from None
+    return Identities(directory=directory, verifier=verifier)
 
 
 async def kubernetes_identities(
     settings: config.Settings, clock: Clock, stack: contextlib.AsyncExitStack
 ) -> Identities:
     from kubernetes_asyncio import client
-    from kubernetes_asyncio import config as kube_config
 
     from daemon.directory import kubernetes
 
     wanted = settings.directory
-    configuration = client.Configuration()
-    if wanted.kubeconfig is not None:
-        await kube_config.load_kube_config(config_file=str(wanted.kubeconfig), client_configuration=configuration)
-    else:
-        kube_config.load_incluster_config(client_configuration=configuration)
+    configuration = await _kubernetes_configuration(wanted.kubeconfig)
     api = await stack.enter_async_context(client.ApiClient(configuration))
     assert wanted.node_name is not None  # config validated it
     directory = kubernetes.KubernetesDirectory(
         api=api, node_name=wanted.node_name, annotation_prefix=wanted.annotation_prefix,
-        pod_wait_seconds=wanted.pod_wait_seconds,
+        pod_wait_seconds=wanted.pod_wait_seconds, timeouts=wanted.timeouts,
+        absent_pod_seconds=wanted.absent_pod_seconds,
     )
-    keys = kubernetes.ApiServerKeySource(api)
-    try:
-        issuer = wanted.issuer or await keys.issuer()
-    except Exception as exc:
-        raise ConfigError([f"--issuer: cannot read the API server's discovery document: {exc}"]) from exc
+    keys = kubernetes.ApiServerKeySource(api, wanted.timeouts)
     verifier: server.Verifier
     if wanted.token_review:
         verifier = kubernetes.TokenReviewVerifier(
-            api=api, issuer=issuer, audience=wanted.audience, clock=clock, max_cached=config.VERIFIED_TOKENS_MAX
+            api=api, issuer=wanted.issuer, audience=wanted.audience, clock=clock,
+            max_cached=config.VERIFIED_TOKENS_MAX, timeouts=wanted.timeouts, discover_issuer=keys.issuer,
         )
     else:
-        verifier = await _key_set_verifier(Trust(issuer=issuer, audience=wanted.audience, key_source=keys), clock)
+        trust = Trust(issuer=wanted.issuer, audience=wanted.audience, key_source=keys)  # type: ignore[arg-type]
+        verifier = _key_set_verifier(trust, clock, discover_issuer=keys.issuer)
 
     def subscribe(callback: RoleChanged) -> None:
         directory.on_role_change = callback
 
-    return Identities(directory=directory, verifier=verifier, issuer=issuer, on_role_change=subscribe)
+    return Identities(directory=directory, verifier=verifier, on_role_change=subscribe)
 
 
-async def _key_set_verifier(trust: Trust, clock: Clock) -> TokenVerifier:
-    verifier = TokenVerifier(
+async def _kubernetes_configuration(kubeconfig: object) -> object:
+    """The API client's configuration, or ConfigError saying why it cannot be had."""
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio import config as kube_config
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig is not None:
+            await kube_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        else:
+            kube_config.load_incluster_config(client_configuration=configuration)
+    except kube_config.ConfigException as exc:
+        where = f"--kubeconfig {kubeconfig}" if kubeconfig is not None else "in-cluster configuration"
+        hint = "" if kubeconfig is not None else (
+            " (not running in a pod: pass --kubeconfig FILE, or use --directory static)")
+        raise ConfigError([f"{where}: {describe(exc)}{hint}"]) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError([f"--kubeconfig {kubeconfig}: cannot be read: {describe(exc)}"]) from None
+    return configuration
+
+
+def _key_set_verifier(trust: Trust, clock: Clock, *, discover_issuer: object = None) -> TokenVerifier:
+    return TokenVerifier(
         issuer=trust.issuer,
         audience=trust.audience,
         key_source=trust.key_source,
@@ -110,12 +175,8 @@ async def _key_set_verifier(trust: Trust, clock: Clock) -> TokenVerifier:
         leeway_seconds=config.TOKEN_LEEWAY_SECONDS,
         refetch_min_interval_seconds=config.JWKS_REFETCH_MIN_INTERVAL_SECONDS,
         max_verified=config.VERIFIED_TOKENS_MAX,
+        discover_issuer=discover_issuer,  # type: ignore[arg-type]
     )
-    try:
-        await verifier.load_keys()
-    except Exception as exc:
-        raise ConfigError([f"signing keys: cannot load from {trust.key_source.description}: {exc}"]) from exc
-    return verifier
 
 
 def cache_policy(settings: config.CacheSettings) -> CachePolicy:
@@ -126,6 +187,9 @@ def cache_policy(settings: config.CacheSettings) -> CachePolicy:
         max_entries=settings.max_entries,
         stale_cutoff_seconds=settings.stale_cutoff_seconds,
         request_hold_seconds=settings.request_hold_seconds,
+        refresh_wait_seconds=settings.refresh_wait_seconds,
+        refusal_seconds=settings.refusal_seconds,
+        invalid_token_refusal_seconds=settings.invalid_token_refusal_seconds,
     )
 
 
@@ -145,11 +209,33 @@ def budgeted(source: CredentialSource, settings: config.StsSettings) -> limiter.
     return limiter.BudgetedSource(source=source, budget=budget, retry=retry)
 
 
-async def _start_sites(runner: web.AppRunner, addresses: tuple[config.Address, ...]) -> list[config.Address]:
-    await runner.setup()
-    for address in addresses:
-        await web.TCPSite(runner, address.host, address.port).start()
-    return [config.Address(str(host), int(port)) for host, port, *_ in runner.addresses]
+def raise_fd_limit(wanted_connections: int) -> int:
+    """Raise the soft file-descriptor limit to the hard one (containers often start at
+    1024) and return how many client connections it leaves room for."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    room = max(16, soft - config.FD_RESERVE - config.METRICS_LIMITS.max_connections)
+    log.info("file descriptors: limit %d (hard %d); up to %d credential connections", soft, hard,
+             min(room, wanted_connections))
+    if room < wanted_connections:
+        log.warning("--max-connections %d does not fit the file descriptor limit %d: using %d",
+                    wanted_connections, soft, room)
+    return min(room, wanted_connections)
+
+
+def _bind_all(addresses: tuple[config.Address, ...] | list[config.Address]) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            sockets.append(listeners.bind(address))
+    except listeners.BindError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError([str(exc)]) from None
+    return sockets
 
 
 @contextlib.asynccontextmanager
@@ -161,13 +247,22 @@ async def running(
 ) -> AsyncIterator[RunningDaemon]:
     """Start every part of the daemon; stop them all on exit. `source` replaces STS in tests."""
     async with contextlib.AsyncExitStack() as stack:
+        credential_sockets = _bind_all(settings.server.listen)
+        metrics_sockets = _bind_all([settings.server.metrics_listen])
+        for sock in (*credential_sockets, *metrics_sockets):
+            stack.callback(sock.close)
+        max_connections = raise_fd_limit(settings.server.credentials_limits.max_connections)
+
         if settings.directory.kind == "kubernetes":
             identities = await kubernetes_identities(settings, clock, stack)
         else:
             identities = await static_identities(settings, clock)
         directory, verifier = identities.directory, identities.verifier
-        directory_task = asyncio.create_task(directory.run(), name="directory")
-        stack.push_async_callback(_cancel, directory_task)
+        tasks: list[asyncio.Task[None]] = []
+        for name, work in (("directory", directory.run()), ("signing keys", verifier.run())):
+            task = asyncio.create_task(work, name=name)
+            stack.push_async_callback(_cancel, task)
+            tasks.append(task)
         if source is None:
             source = await stack.enter_async_context(
                 sts.StsSource(
@@ -182,52 +277,80 @@ async def running(
             in_use=directory.in_use,
         )
         identities.on_role_change(lambda subject: cache.drop(lambda key: key.subject == subject, "directory"))
-        await _wait_ready(directory)
+        await _wait_ready(directory, verifier)
 
-        hosts: frozenset[str] = frozenset()  # filled once the ports are bound
-        app = server.create_app(
-            verifier=verifier, directory=directory, cache=cache, hosts=lambda: hosts
-        )
+        hosts: frozenset[str] = frozenset()  # filled once the listeners report their ports
         credentials_runner = web.AppRunner(
-            app, access_log=None, max_field_size=config.MAX_HEADER_BYTES, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+            server.create_app(verifier=verifier, directory=directory, cache=cache, hosts=lambda: hosts),
+            access_log=None, handler_cancellation=True, shutdown_timeout=CLEANUP_SECONDS,
         )
+        await credentials_runner.setup()
         stack.push_async_callback(credentials_runner.cleanup)
-        bound = await _start_sites(credentials_runner, settings.server.listen)
+        credentials = await listeners.serve(
+            name="credentials", runner=credentials_runner, sockets=credential_sockets,
+            limits=_with_max(settings.server.credentials_limits, max_connections),
+            render=server.raw_error_response,
+        )
+        bound = [listener.address for listener in credentials]
         hosts = server.allowed_hosts(bound)
 
-        metrics_app = server.create_metrics_app(ready=lambda: verifier.ready and directory.ready)
-        metrics_runner = web.AppRunner(metrics_app, access_log=None)
+        daemon = RunningDaemon(listen=bound, metrics_listen=config.Address("", 0), cache=cache, verifier=verifier,
+                               credentials=credentials, tasks=tasks)
+
+        def not_ready() -> list[str]:
+            reasons = [r for r in (verifier.not_ready_reason, directory.not_ready_reason) if r]
+            if daemon.draining:
+                reasons.insert(0, "draining (stopping)")
+            return reasons
+
+        metrics.DIRECTORY_READY.set_function(lambda: 0.0 if not_ready() else 1.0)
+        metrics_runner = web.AppRunner(server.create_metrics_app(not_ready=not_ready), access_log=None,
+                                       shutdown_timeout=CLEANUP_SECONDS)
+        await metrics_runner.setup()
         stack.push_async_callback(metrics_runner.cleanup)
-        (metrics_bound, *_) = await _start_sites(metrics_runner, (settings.server.metrics_listen,))
+        (metrics_listener,) = await listeners.serve(
+            name="metrics", runner=metrics_runner, sockets=metrics_sockets, limits=settings.server.metrics_limits,
+            render=server.raw_error_response,
+        )
+        daemon.metrics_listen = metrics_listener.address
 
         maintenance = asyncio.create_task(
             cache.run(interval_seconds=config.MAINTENANCE_INTERVAL_SECONDS), name="cache maintenance"
         )
-        daemon = RunningDaemon(
-            listen=bound, metrics_listen=metrics_bound, cache=cache, verifier=verifier,
-            tasks=[maintenance, directory_task],
-        )
+        tasks.append(maintenance)
         log.info(
             "serving credentials on %s, metrics on %s",
-            ", ".join(map(str, bound)), metrics_bound,
-            extra={"sts_endpoint": settings.sts.endpoint_url, "issuer": identities.issuer},
+            ", ".join(map(str, bound)), daemon.metrics_listen,
+            extra={"sts_endpoint": settings.sts.endpoint_url, "issuer": getattr(verifier, "issuer", None)},
         )
         try:
             yield daemon
         finally:
-            for task in daemon.tasks:
+            for listener in credentials:
+                listener.stop_accepting()
+            metrics_listener.stop_accepting()
+            cache.release_waiters()
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*daemon.tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _wait_ready(directory: Directory) -> None:
-    """Give the directory a moment to sync before serving; /readyz tells the rest."""
+def _with_max(limits: config.ConnectionLimits, max_connections: int) -> config.ConnectionLimits:
+    import dataclasses
+
+    return dataclasses.replace(limits, max_connections=max_connections)
+
+
+async def _wait_ready(directory: Directory, verifier: server.Verifier) -> None:
+    """Give the directory and the keys a moment before serving; /readyz tells the rest."""
     try:
         async with asyncio.timeout(DIRECTORY_SYNC_WAIT_SECONDS):
-            while not directory.ready:
+            while not (directory.ready and verifier.ready):
                 await asyncio.sleep(0.05)
     except TimeoutError:
-        log.warning("directory not ready after %.0f s; serving, /readyz says not ready", DIRECTORY_SYNC_WAIT_SECONDS)
+        reasons = "; ".join(r for r in (verifier.not_ready_reason, directory.not_ready_reason) if r)
+        log.warning("not ready after %.0f s (%s); serving, /readyz says not ready", DIRECTORY_SYNC_WAIT_SECONDS,
+                    reasons)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -236,18 +359,28 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 async def serve(settings: config.Settings) -> int:
-    """Run until SIGTERM/SIGINT, or until a root task dies (then exit non-zero)."""
+    """Run until SIGTERM/SIGINT (drain, exit 0), or until a root task fails (exit 1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    failed: list[asyncio.Task[None]] = []
+
+    def watch(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(task)
+            stop.set()
+
     async with running(settings) as daemon:
-        stopper = asyncio.create_task(stop.wait(), name="signal wait")
-        done, _ = await asyncio.wait([stopper, *daemon.tasks], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        for task in done:
-            if task is not stopper:
-                log.error("task %r stopped: %r; shutting down", task.get_name(), task.exception() if not task.cancelled() else "cancelled")
-                return 1
+        for task in daemon.tasks:
+            task.add_done_callback(watch)
+        await stop.wait()
+        if failed:
+            for task in failed:
+                error = task.exception()
+                log.error("task %r failed: %r; exiting so that the kubelet restarts irsa-cache (a bug: please "
+                          "report it)", task.get_name(), error, exc_info=error)
+            return 1
         log.info("stopping on signal")
+        await daemon.drain(settings.server.drain_seconds)
     return 0

@@ -3,14 +3,28 @@
 Entries are keyed by `CacheKey` (role, issuer, subject, audience). The rules:
 
 - single-flight: however many callers arrive together, one exchange per key; it
-  runs as its own task, so a caller that disconnects does not cancel it, and a
-  caller waits for it at most `request_hold_seconds` (then 503 with Retry-After;
-  the exchange runs on and its result serves the retry);
+  runs as its own task, so a caller that disconnects does not cancel it;
+- the wait policy: a caller with nothing usable cached waits for its exchange as
+  long as the exchange runs (it has its own deadline), at most `request_hold_seconds`;
+  then 503 with Retry-After while the exchange runs on, its result serving the retry.
+  A caller whose credentials are under the serve floor but still valid waits at most
+  `refresh_wait_seconds` for the refresh, then gets the old ones. Holding costs a
+  connection, not a thread; the server bounds connections. `release_waiters()` answers
+  every held caller at once (shutdown);
 - refresh ahead: at half the lifetime, jittered by +/- `refresh_jitter` of it, using
   the freshest valid token seen for the key; only entries still in use;
 - serve floor: never answer with less than `serve_floor_seconds` left while a
   refresh is possible; if STS is failing, keep serving the old credentials until
   `stale_cutoff_seconds` before they expire (stale-if-error);
+- remembered refusals: a permanent STS answer is kept for `refusal_seconds`
+  (`invalid_token_refusal_seconds` for InvalidIdentityToken, which may be STS failing
+  to fetch the issuer's keys; per token for a token-specific answer such as
+  ExpiredTokenException), so that a refused identity costs STS a bounded number of
+  calls whatever its pods do; `drop()` (a role changed) clears them at once. Passing
+  failures (throttling, 5xx) are not remembered for callers: the STS budget paces
+  the retries, and a pod's retry joins a new exchange;
+- credentials that arrive already (or nearly) expired by this node's clock are
+  refused as clock skew, and counted, rather than served;
 - eviction: idle entries, entries whose STS answer was permanent, and the least
   recently used when `max_entries` is reached.
 
@@ -38,10 +52,11 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any, NamedTuple
 from dataclasses import dataclass, field
 
 from daemon import metrics
-from daemon.errors import DaemonError, OverloadedError, StsError, StsUnavailableError
+from daemon.errors import DaemonError, OverloadedError, StsDeniedError, StsError, StsUnavailableError
 from daemon.models import CacheKey, Clock, Credentials, ExchangeSource, Priority, Ticket, VerifiedToken
 
 log = logging.getLogger(__name__)
@@ -61,9 +76,22 @@ class CachePolicy:
     idle_evict_seconds: float = 3600.0
     max_entries: int = 20_000
     stale_cutoff_seconds: float = 60.0
-    request_hold_seconds: float = 1.5
-    retry_base_seconds: float = 5.0  # first background retry after a failed refresh
+    request_hold_seconds: float = 30.0  # the longest a caller is held for its exchange
+    refresh_wait_seconds: float = 0.2  # the longest a caller with valid credentials waits for a refresh
+    retry_base_seconds: float = 5.0  # first retry after a failed exchange
     retry_max_seconds: float = 120.0
+    refusal_seconds: float = 30.0  # a permanent STS refusal is answered from memory this long
+    invalid_token_refusal_seconds: float = 5.0  # InvalidIdentityToken: may be STS failing to fetch keys
+    max_refusals: int = 20_000
+
+
+class _Refusal(NamedTuple):
+    until: float
+    error: DaemonError
+
+
+# Refusals that concern the token presented, not the identity: another token may pass.
+_TOKEN_REFUSALS = frozenset({"ExpiredTokenException"})
 
 
 @dataclass(eq=False, slots=True)
@@ -75,7 +103,7 @@ class _Entry:
     exchange: asyncio.Task[Credentials] | None = None
     ticket: Ticket | None = None  # the exchange's place in the STS budget
     refresh_at: float = math.inf
-    retry_at: float = 0.0  # after a failure, no new attempt while serving stale before this
+    retry_at: float = 0.0  # after a failure, no new attempt before this
     failures: int = 0
     evicted: bool = field(default=False)
     check_at: float = math.inf  # when maintain() looks at this entry next: its live item in the heap
@@ -114,6 +142,9 @@ class CredentialCache:
         self._checks: list[tuple[float, int, _Entry]] = []
         self._expiries: list[tuple[float, int, _Entry]] = []  # (credentials expire at, ...)
         self._sequence = itertools.count()
+        # Permanent STS refusals by key, or by (key, token fingerprint); oldest first.
+        self._refusals: OrderedDict[CacheKey | tuple[CacheKey, str], _Refusal] = OrderedDict()
+        self._closing: asyncio.Future[None] | None = None  # set by release_waiters()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -126,6 +157,7 @@ class CredentialCache:
         now = self._clock()
         entry = self._entries.get(key)
         if entry is None:
+            self._raise_if_refused(key, token, now)
             entry = self._admit(key, token, now)
         else:
             self._entries.move_to_end(key)
@@ -135,29 +167,81 @@ class CredentialCache:
         entry.last_used = now
 
         cached = entry.credentials
-        if cached is not None and cached.remaining(now) > self._policy.serve_floor_seconds:
+        if cached is not None and self._fresh(entry, cached, now):
             return cached, Outcome.HIT
-        if cached is not None and now < entry.retry_at and self._servable_stale(cached, now):
-            return cached, Outcome.STALE  # STS failed moments ago: do not hammer it
+        stale = cached if cached is not None and self._servable_stale(cached, now) else None
+        if entry.exchange is None and now < entry.retry_at:
+            if stale is not None:
+                return stale, Outcome.STALE  # STS failed moments ago: do not call it again yet
+            self._raise_if_refused(key, token, now)  # InvalidIdentityToken keeps the entry
 
         joined = entry.exchange is not None
         exchange = entry.exchange or self._start_exchange(entry, token, Priority.CALLER)
         ticket = entry.ticket
         if joined and ticket is not None:
             self._source.promote(ticket)  # a refresh nobody waited for now has a caller
+        hold = self._policy.refresh_wait_seconds if stale is not None else self._policy.request_hold_seconds
+        if not await self._wait(exchange, hold):
+            # The exchange runs on without this caller; its result lands in the cache.
+            if stale is not None and self._servable_stale(stale, self._clock()):
+                return stale, Outcome.STALE
+            raise OverloadedError(self._still_waiting(exchange, ticket, hold), retry_after_seconds=1)
         try:
-            # shield: neither a caller that goes away nor one that stops waiting may
-            # cancel the exchange; its result lands in the cache for the next request.
-            fresh = await asyncio.wait_for(asyncio.shield(exchange), self._policy.request_hold_seconds)
-        except TimeoutError:
-            if cached is not None and self._servable_stale(cached, self._clock()):
-                return cached, Outcome.STALE
-            raise OverloadedError(self._still_waiting(ticket), retry_after_seconds=1) from None
+            fresh = exchange.result()
         except (StsError, OverloadedError) as exc:
-            if not _permanent(exc) and cached is not None and self._servable_stale(cached, self._clock()):
-                return cached, Outcome.STALE
-            raise
+            if not _permanent(exc) and stale is not None and self._servable_stale(stale, self._clock()):
+                return stale, Outcome.STALE
+            raise exc.with_traceback(None) from None
         return fresh, Outcome.COALESCED if joined else Outcome.MISS
+
+    async def _wait(self, exchange: asyncio.Task[Credentials], hold: float) -> bool:
+        """Wait for `exchange` (never cancelling it) at most `hold` seconds, or until
+        release_waiters(); True if it finished."""
+        if exchange.done():
+            return True
+        waiting: set[asyncio.Future[Any]] = {exchange}
+        if self._closing is not None:
+            waiting.add(self._closing)
+        done, _ = await asyncio.wait(waiting, timeout=hold, return_when=asyncio.FIRST_COMPLETED)
+        return exchange in done
+
+    def release_waiters(self) -> None:
+        """Answer every caller held for an exchange now (503 + Retry-After, or its still
+        valid credentials): the daemon is stopping. Exchanges are not cancelled here."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        if not self._closing.done():
+            self._closing.set_result(None)
+
+    def _fresh(self, entry: _Entry, credentials: Credentials, now: float) -> bool:
+        remaining = credentials.remaining(now)
+        if remaining > self._policy.serve_floor_seconds:
+            return True
+        # Credentials that arrived with less than the floor left (a short session, or
+        # clocks apart) are served until their refresh: exchanging again on every
+        # request would get nothing better.
+        return now < entry.refresh_at and remaining > self._policy.stale_cutoff_seconds
+
+    def _raise_if_refused(self, key: CacheKey, token: VerifiedToken, now: float) -> None:
+        for refusal_key in (key, (key, token.fingerprint)):
+            refusal = self._refusals.get(refusal_key)
+            if refusal is None:
+                continue
+            if now >= refusal.until:
+                del self._refusals[refusal_key]
+                continue
+            metrics.REFUSALS_REMEMBERED.labels(kind="sts_refusal").inc()
+            raise refusal.error.with_traceback(None)
+
+    def _remember_refusal(self, entry: _Entry, token: VerifiedToken, error: StsError) -> None:
+        token_specific = error.sts_code in _TOKEN_REFUSALS
+        seconds = (self._policy.invalid_token_refusal_seconds if error.sts_code == "InvalidIdentityToken"
+                   else self._policy.refusal_seconds)
+        refusal_key: CacheKey | tuple[CacheKey, str] = (entry.key, token.fingerprint) if token_specific else entry.key
+        self._refusals[refusal_key] = _Refusal(self._clock() + seconds, error)
+        self._refusals.move_to_end(refusal_key)
+        while len(self._refusals) > self._policy.max_refusals:
+            self._refusals.popitem(last=False)
 
     def maintain(self) -> None:
         """One pass: start due refreshes, evict what is idle or expired, update gauges.
@@ -195,6 +279,8 @@ class CredentialCache:
         doomed = [entry for key, entry in self._entries.items() if matches(key)]
         for entry in doomed:
             self._evict(entry, reason)
+        for refusal_key in [k for k in self._refusals if matches(k if isinstance(k, CacheKey) else k[0])]:
+            del self._refusals[refusal_key]
         return len(doomed)
 
     def _next_check(self, entry: _Entry) -> float:
@@ -282,15 +368,19 @@ class CredentialCache:
     def _servable_stale(self, credentials: Credentials, now: float) -> bool:
         return credentials.remaining(now) > self._policy.stale_cutoff_seconds
 
-    def _still_waiting(self, ticket: Ticket | None) -> str:
+    def _still_waiting(self, exchange: asyncio.Task[Credentials], ticket: Ticket | None, hold: float) -> str:
+        if self._closing is not None and self._closing.done():
+            return "irsa-cache is shutting down; retry in a second (the next daemon on this node answers)"
         if ticket is not None and ticket.queued:
             return (
-                f"the STS exchange for this identity is queued behind the node's STS budget; it goes on "
-                f"without you, retry in a second (waited {self._policy.request_hold_seconds:g} s)"
+                f"the STS exchange for this identity is still queued behind the node's STS budget after "
+                f"{hold:g} s; it goes on without you, retry in a second"
             )
+        attempts = ticket.attempts if ticket is not None else 0
+        said = f"; STS's last answer: {ticket.last_error}" if ticket is not None and ticket.last_error else ""
         return (
-            f"STS has not answered within {self._policy.request_hold_seconds:g} s; the exchange goes on "
-            "without you, retry in a second"
+            f"the STS exchange for this identity has not finished after {hold:g} s ({attempts} attempt"
+            f"{'' if attempts == 1 else 's'} so far{said}); it goes on without you, retry in a second"
         )
 
     def _start_exchange(self, entry: _Entry, token: VerifiedToken, priority: Priority) -> asyncio.Task[Credentials]:
@@ -310,16 +400,18 @@ class CredentialCache:
             credentials = await self._source.assume_role(
                 role_arn=entry.key.role_arn, token=token, reason=reason, ticket=ticket
             )
+            self._check_lifetime(credentials)
         except (StsError, OverloadedError) as exc:
-            self._record_failure(entry, exc, reason)
+            self._record_failure(entry, token, exc, reason)
             raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or an unexpected library error: fail this exchange only
-            log.exception("STS exchange for %s failed unexpectedly", entry.key.subject)
+            # No traceback: an unexpected library error may quote what STS sent, secrets included.
+            log.error("STS exchange for %s failed unexpectedly: %s", entry.key.subject, type(exc).__name__)
             error = StsUnavailableError(f"STS exchange failed unexpectedly: {type(exc).__name__}")
-            self._record_failure(entry, error, reason)
-            raise error from exc
+            self._record_failure(entry, token, error, reason)
+            raise error from None
         else:
             now = self._clock()
             entry.credentials = credentials
@@ -341,7 +433,26 @@ class CredentialCache:
         )
         return credentials
 
-    def _record_failure(self, entry: _Entry, exc: DaemonError, reason: str) -> None:
+    def _check_lifetime(self, credentials: Credentials) -> None:
+        """Credentials that expire before they could be used mean the node's clock and
+        STS's disagree: refuse them (and retry later) rather than serve them."""
+        now = self._clock()
+        remaining = credentials.remaining(now)
+        if remaining > self._policy.stale_cutoff_seconds:
+            if remaining <= self._policy.serve_floor_seconds:
+                metrics.CLOCK_SKEW.labels(severity="short").inc()
+                log.warning("STS issued credentials with only %.0f s left by this node's clock; is the clock off?",
+                            remaining)
+            return
+        metrics.CLOCK_SKEW.labels(severity="expired").inc()
+        when = credentials.to_container_response()["Expiration"]
+        raise StsUnavailableError(
+            f"STS issued credentials that expire at {when}, {remaining:+.0f} s from now by this node's clock: "
+            "this node's clock (or STS's) is off; check its time synchronisation (chrony, NTP)",
+            sts_code="ClockSkew",
+        )
+
+    def _record_failure(self, entry: _Entry, token: VerifiedToken, exc: DaemonError, reason: str) -> None:
         if reason == "refresh":
             metrics.REFRESH_FAILURES.inc()
         entry.failures += 1
@@ -350,6 +461,8 @@ class CredentialCache:
         log.warning("STS exchange for %s failed (%s): %s", entry.key.subject, reason, exc.message,
                     extra={"role_arn": entry.key.role_arn, "sts_code": getattr(exc, "sts_code", None),
                            "permanent": _permanent(exc)})
+        if isinstance(exc, StsDeniedError) or _permanent(exc):
+            self._remember_refusal(entry, token, exc)  # type: ignore[arg-type]
         if _permanent(exc):
             self._evict(entry, "denied")
 

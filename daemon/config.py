@@ -10,6 +10,7 @@ environment; components take keyword-only arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import re
@@ -22,11 +23,36 @@ from daemon.errors import ConfigError
 
 ENV_PREFIX = "IRSA_CACHE_"
 
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionLimits:
+    """What one listener allows (see listeners.py); every number is per listener."""
+
+    max_connections: int
+    head_seconds: float  # to send a whole request head
+    idle_seconds: float  # keep-alive, between requests
+    max_head_bytes: int  # request line and headers together
+    max_headers: int
+    max_field_bytes: int  # one header line
+    max_line_bytes: int  # the request line
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiTimeouts:
+    """Deadlines of the calls to the Kubernetes API server, in seconds."""
+
+    list_seconds: float = 60.0  # a whole list, body included (all ServiceAccounts of a large cluster)
+    request_seconds: float = 10.0  # a read, a TokenReview, the discovery document and key set
+    connect_seconds: float = 10.0  # establishing a connection, for any call
+    watch_seconds: int = 300  # the server ends each watch after this; we resume at once
+    # A real API server sends a bookmark about every minute: a watch quiet for longer is
+    # presumed dead (a black-holed connection, a hung server) and replaced by a list.
+    watch_silence_seconds: float = 90.0
+
 # Policy that operators do not tune: the SDK contract and STS's limits.
 STALE_CUTOFF_SECONDS = 60.0  # stop serving stale credentials this close to expiry
 TOKEN_LEEWAY_SECONDS = 60.0  # clock skew allowed on exp/nbf
 MAX_TOKEN_CHARS = 20_000  # STS rejects longer WebIdentityTokens
-MAX_HEADER_BYTES = 32 * 1024  # above MAX_TOKEN_CHARS, far below a memory concern
 STS_MIN_SESSION_SECONDS = 900
 STS_MAX_SESSION_SECONDS = 43_200
 JWKS_REFETCH_MIN_INTERVAL_SECONDS = 30.0  # unknown `kid`s cannot hammer the key source
@@ -35,6 +61,34 @@ MAINTENANCE_INTERVAL_SECONDS = 1.0  # how often the cache looks for due refreshe
 STS_MIN_RATE_PER_SECOND = 0.5  # throttling never cuts the budget below this
 STS_MAX_ATTEMPTS = 5  # per exchange, for passing failures
 STS_EXCHANGE_DEADLINE_SECONDS = 30.0  # an exchange gives up after this, retries included
+REFUSAL_SECONDS = 30.0  # a permanent STS refusal is answered from memory this long
+INVALID_TOKEN_REFUSAL_SECONDS = 5.0  # InvalidIdentityToken: may be STS failing to fetch the keys
+ABSENT_POD_SECONDS = 30.0  # a pod found absent from this node is remembered this long
+DRAIN_SECONDS = 20.0  # SIGTERM: in-flight requests finish within this (the pod's grace is 30 s)
+FD_RESERVE = 128  # file descriptors kept for everything but client connections
+
+# What one connection may cost. A projected token is one to a few KB; the head limit
+# keeps a token just over STS's 20,000 characters reachable, for its clear refusal.
+CREDENTIALS_LIMITS = ConnectionLimits(
+    max_connections=1024,  # the default of --max-connections
+    head_seconds=5.0,
+    idle_seconds=5.0,
+    max_head_bytes=32 * 1024,
+    max_headers=32,
+    max_field_bytes=24 * 1024,
+    max_line_bytes=8 * 1024,
+)
+# Kubelet probes and Prometheus scrapes: small requests, few at a time.
+METRICS_LIMITS = ConnectionLimits(
+    max_connections=64,
+    head_seconds=5.0,
+    idle_seconds=5.0,
+    max_head_bytes=8 * 1024,
+    max_headers=32,
+    max_field_bytes=4 * 1024,
+    max_line_bytes=4 * 1024,
+)
+KUBERNETES_TIMEOUTS = ApiTimeouts()
 
 
 @dataclass(frozen=True)
@@ -57,6 +111,9 @@ class Address:
 class ServerSettings:
     listen: tuple[Address, ...]
     metrics_listen: Address
+    credentials_limits: ConnectionLimits = CREDENTIALS_LIMITS
+    metrics_limits: ConnectionLimits = METRICS_LIMITS
+    drain_seconds: float = DRAIN_SECONDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +127,8 @@ class DirectorySettings:
     audience: str = "sts.amazonaws.com"
     token_review: bool = False
     pod_wait_seconds: float = 0.5  # a pod too new for the informer: wait this, then read it once
+    absent_pod_seconds: float = ABSENT_POD_SECONDS
+    timeouts: ApiTimeouts = KUBERNETES_TIMEOUTS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +150,10 @@ class CacheSettings:
     idle_evict_seconds: float
     max_entries: int
     request_hold_seconds: float
+    refresh_wait_seconds: float
     stale_cutoff_seconds: float = STALE_CUTOFF_SECONDS
+    refusal_seconds: float = REFUSAL_SECONDS
+    invalid_token_refusal_seconds: float = INVALID_TOKEN_REFUSAL_SECONDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,13 +282,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--sts-timeout", parse_duration, "5", "timeout of one STS attempt", metavar="SECONDS"),
     Option("--serve-floor", parse_duration, "960", "never serve credentials with less left while a refresh is possible", metavar="SECONDS"),
     Option("--refresh-jitter", parse_fraction, "0.1", "refresh at half the lifetime +/- this fraction of it", metavar="FRACTION"),
-    Option("--request-hold", parse_duration, "1.5", "a caller waits at most this for an STS exchange, then gets 503 + Retry-After", metavar="SECONDS"),
+    Option("--request-hold", parse_duration, "30", "a caller with nothing cached waits at most this for its STS exchange (which runs on), then gets 503 + Retry-After", metavar="SECONDS"),
+    Option("--refresh-wait", parse_duration, "0.2", "a caller whose credentials are under the serve floor but valid waits at most this for the refresh, then gets them", metavar="SECONDS"),
     Option("--sts-rate", parse_positive_float, "10", "STS calls per second from this node, retries included", metavar="PER_SECOND"),
     Option("--sts-burst", parse_positive_int, "20", "STS calls allowed at once above the rate", metavar="N"),
     Option("--sts-concurrency", parse_positive_int, "8", "STS calls in flight at once", metavar="N"),
     Option("--sts-queue", parse_positive_int, "500", "exchanges that may wait for the budget; past it, 503 at once", metavar="N"),
     Option("--idle-evict", parse_duration, "3600", "drop entries not requested for this long", metavar="SECONDS"),
     Option("--max-entries", parse_positive_int, "20000", "bound on cached identities; the least recently used goes first", metavar="N"),
+    Option("--max-connections", parse_positive_int, str(CREDENTIALS_LIMITS.max_connections), "connections open at once on the credentials addresses; past it the oldest idle one is closed", metavar="N"),
     Option("--log-level", parse_choice("debug", "info", "warning", "error"), "info", "log level"),
 )
 
@@ -330,6 +394,9 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
         problems.append(f"{src['sts_timeout']}: must be above 0")
     if v["request_hold"] is not None and v["request_hold"] <= 0:
         problems.append(f"{src['request_hold']}: must be above 0")
+    if None not in (v["request_hold"], v["refresh_wait"]) and v["refresh_wait"] > v["request_hold"]:
+        problems.append(f"{src['refresh_wait']}: {v['refresh_wait']:g} s must not exceed the request hold "
+                        f"({v['request_hold']:g} s)")
     if v["idle_evict"] is not None and v["idle_evict"] <= 0:
         problems.append(f"{src['idle_evict']}: must be above 0")
 
@@ -349,7 +416,11 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
     if problems:
         raise ConfigError(problems)
     return Settings(
-        server=ServerSettings(listen=v["listen"], metrics_listen=v["metrics_listen"]),
+        server=ServerSettings(
+            listen=v["listen"],
+            metrics_listen=v["metrics_listen"],
+            credentials_limits=dataclasses.replace(CREDENTIALS_LIMITS, max_connections=v["max_connections"]),
+        ),
         directory=DirectorySettings(
             kind=v["directory"],
             static_config=v["static_config"],
@@ -376,6 +447,7 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
             idle_evict_seconds=v["idle_evict"],
             max_entries=v["max_entries"],
             request_hold_seconds=v["request_hold"],
+            refresh_wait_seconds=v["refresh_wait"],
         ),
         log_level=v["log_level"],
     )

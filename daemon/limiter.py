@@ -79,12 +79,19 @@ class StsBudget:
     @contextlib.asynccontextmanager
     async def slot(self, ticket: Ticket) -> AsyncIterator[None]:
         """Wait for a token and a concurrency slot, in priority order; hold the slot inside."""
-        await self._acquire(ticket)
+        await self.acquire(ticket)
         try:
             yield
         finally:
-            self._in_flight -= 1
-            self._dispatch()
+            self.release()
+
+    async def acquire(self, ticket: Ticket) -> None:
+        """Wait for a token and a concurrency slot, in priority order; `release()` the slot after."""
+        await self._acquire(ticket)
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        self._dispatch()
 
     def promote(self, ticket: Ticket) -> None:
         """A caller now waits for this exchange: it goes before refreshes from now on."""
@@ -202,31 +209,48 @@ class BudgetedSource:
 
     async def assume_role(self, *, role_arn: str, token: VerifiedToken, reason: str, ticket: Ticket) -> Credentials:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._retry.deadline_seconds
+        started = loop.time()
+        deadline = started + self._retry.deadline_seconds
         for attempt in itertools.count(1):
-            async with self._budget.slot(ticket):
-                started = loop.time()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._budget.acquire(ticket)
+            except TimeoutError:
+                raise BudgetExhaustedError(self._queued_too_long(ticket, loop.time() - started)) from None
+            try:
+                ticket.attempts = attempt
+                attempt_started = loop.time()
                 try:
                     credentials = await self._source.assume_role(role_arn=role_arn, token=token)
                 except StsError as exc:
-                    self._count(reason, exc, loop.time() - started)
+                    self._count(reason, exc, loop.time() - attempt_started)
+                    ticket.last_error = exc.sts_code or exc.code
                     if exc.throttled:
                         self._budget.throttled()
                     if not self._should_retry(exc, attempt):
-                        raise
+                        raise _with_history(exc, attempt, loop.time() - started) from None
                     error = exc
                 else:
-                    self._count(reason, None, loop.time() - started)
+                    self._count(reason, None, loop.time() - attempt_started)
                     self._budget.succeeded()
                     return credentials
+            finally:
+                self._budget.release()
             # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
             delay = self._rng.uniform(0, min(self._retry.backoff_max_seconds, self._retry.backoff_base_seconds * 2**attempt))
             if loop.time() + delay >= deadline:
-                raise error
+                raise _with_history(error, attempt, loop.time() - started) from None
             metrics.STS_RETRIES.labels(reason=reason).inc()
             log.info("retrying STS for %s in %.2f s after %s (attempt %d)", token.identity.subject, delay, error.sts_code, attempt)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _queued_too_long(self, ticket: Ticket, waited: float) -> str:
+        tried = f" after {ticket.attempts} attempt(s), the last answered {ticket.last_error}" if ticket.attempts else ""
+        return (
+            f"the STS exchange waited {waited:.0f} s for a turn in the node's STS budget{tried} "
+            f"({self._budget.queued} exchanges queued, {self._budget.rate:.2f} calls/s now) and gave up; retry shortly"
+        )
 
     def _should_retry(self, error: StsError, attempt: int) -> bool:
         if isinstance(error, StsDeniedError) and error.sts_code == "InvalidIdentityToken":
@@ -243,3 +267,12 @@ class BudgetedSource:
         )
         metrics.STS_CALLS.labels(reason=reason, result=result).inc()
         metrics.STS_CALL_DURATION.labels(result=result).observe(elapsed)
+
+
+def _with_history(error: StsError, attempts: int, seconds: float) -> StsError:
+    """The last error, its message saying how many attempts were made over how long: a
+    pod's error then tells a single refusal from a failing STS."""
+    if attempts > 1:
+        error.message = f"{error.message} ({attempts} attempts over {seconds:.1f} s)"
+        error.args = (error.message,)
+    return error

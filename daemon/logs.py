@@ -16,11 +16,54 @@ import json
 import logging
 import math
 import sys
+import time
 from datetime import datetime, timezone
+from typing import Any
 
 # What logging itself puts on a record; everything else came from `extra=`.
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _encode = json.JSONEncoder(default=str).encode
+
+
+def describe(exc: BaseException, *, limit: int = 200) -> str:
+    """An exception as one short line for a log field or a readiness reason: its type and
+    the first line of its text. Some libraries put whole responses in their messages."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class RateLimited:
+    """A logger's lines at a bounded rate: `per_second` on average, `burst` at once; the
+    rest are counted, and the next line let through says how many were left out.
+
+    For lines any caller can cause (a refused token, a closed connection): an attacker
+    must not be able to fill the node's disk or drown the lines that matter."""
+
+    def __init__(self, logger: logging.Logger, *, per_second: float = 10.0, burst: int = 50) -> None:
+        self._logger = logger
+        self._per_second = per_second
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self.suppressed = 0  # lines left out since the last one let through
+
+    def log(self, level: int, message: str, *args: Any, **kwargs: Any) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_second)
+        self._at = now
+        if self._tokens < 1.0:
+            self.suppressed += 1
+            return
+        self._tokens -= 1.0
+        if self.suppressed:
+            message = f"{message} (and {self.suppressed} similar lines not logged: rate limit)"
+            self.suppressed = 0
+        self._logger.log(level, message, *args, **kwargs)
 
 
 class JsonFormatter(logging.Formatter):

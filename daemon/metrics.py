@@ -13,9 +13,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 NAMESPACE = "irsa_cache"
 
-REQUEST_OUTCOMES = ("hit", "miss", "coalesced", "stale", "denied", "overloaded", "error")
+REQUEST_OUTCOMES = ("hit", "miss", "coalesced", "stale", "denied", "overloaded", "error", "abandoned")
+LISTENERS = ("credentials", "metrics")
+CONNECTION_REFUSALS = ("full", "evicted", "head_timeout", "head_too_large", "unparsable")
 PRIORITIES = ("caller", "refresh")
 STS_REASONS = ("cold", "refresh")
+INFORMERS = ("serviceaccounts", "pods")
+REFUSAL_KINDS = ("sts_refusal", "pod_absent", "token_review")
+WATCH_RESTART_REASONS = ("expired", "silent", "error")
 STS_RESULTS = ("success", "throttled", "denied", "error")
 EVICTION_REASONS = ("idle", "capacity", "expired", "denied", "directory")
 TOKEN_RESULTS = (
@@ -75,6 +80,26 @@ TOKEN_VERIFICATIONS = Counter(
 KEY_SET_FETCHES = Counter(
     "key_set_fetches", "Refetches of the signing key set on an unknown key id.", namespace=NAMESPACE
 )
+REFUSALS_REMEMBERED = Counter(
+    "refusals_remembered",
+    "Requests refused from memory without asking upstream again, by kind (sts_refusal: an STS "
+    "refusal of the identity or token; pod_absent: "
+    "a pod found absent from this node; token_review: a token TokenReview rejected).",
+    ["kind"],
+    namespace=NAMESPACE,
+)
+CLOCK_SKEW = Counter(
+    "sts_clock_skew",
+    "STS answers whose credentials had (expired: at most a minute, refused) or (short: under the serve "
+    "floor, served) left by this node's clock on arrival: the node's clock or STS's is off.",
+    ["severity"],
+    namespace=NAMESPACE,
+)
+KEY_SET_FAILURES = Counter(
+    "key_set_failures",
+    "Signing key set loads and refetches that failed (unreachable, not a key set, no usable key).",
+    namespace=NAMESPACE,
+)
 STS_BUDGET_RATE = Gauge(
     "sts_budget_rate",
     "Current STS budget in calls per second: the configured rate, less while recovering from throttling.",
@@ -98,8 +123,26 @@ STS_RETRIES = Counter(
 )
 WATCH_RESTARTS = Counter(
     "watch_restarts",
-    "Kubernetes list/watch restarts, by informer and reason (expired: 410 Gone, relisted; error: backed off).",
+    "Kubernetes list/watch restarts, by informer and reason (expired: 410 Gone, relisted; "
+    "silent: no event or bookmark within the silence deadline, relisted; error: backed off, relisted).",
     ["informer", "reason"],
+    namespace=NAMESPACE,
+)
+WATCH_SKIPPED = Counter(
+    "watch_skipped_objects",
+    "Objects from the API server skipped because they were malformed (no name), by informer.",
+    ["informer"],
+    namespace=NAMESPACE,
+)
+CONNECTIONS = Gauge(
+    "connections", "Connections open, by listener (credentials, metrics).", ["listener"], namespace=NAMESPACE
+)
+CONNECTIONS_REFUSED = Counter(
+    "connections_refused",
+    "Connections closed or refused by the listener's bounds, by listener and reason (full: every "
+    "connection answering a request; evicted: the oldest idle one made room; head_timeout: no whole "
+    "request head in time; head_too_large; unparsable: not HTTP/1.1).",
+    ["listener", "reason"],
     namespace=NAMESPACE,
 )
 DIRECTORY_READY = Gauge(
@@ -115,6 +158,11 @@ DIRECTORY_READY = Gauge(
 def request_series(code: int, outcome: str) -> tuple[Counter, Histogram]:
     """The request counter and duration histogram for one HTTP status and outcome."""
     return REQUESTS.labels(code=str(code), outcome=outcome), REQUEST_DURATION.labels(outcome=outcome)
+
+
+@functools.cache
+def connections_refused(listener: str, reason: str) -> Counter:
+    return CONNECTIONS_REFUSED.labels(listener=listener, reason=reason)
 
 
 @functools.cache
@@ -135,11 +183,20 @@ def _create_known_series() -> None:
         STS_BUDGET_WAIT.labels(priority=priority)
     for reason in STS_REASONS:
         STS_RETRIES.labels(reason=reason)
-    for informer in ("serviceaccounts", "pods"):
-        for reason in ("expired", "error"):
+    for informer in INFORMERS:
+        WATCH_SKIPPED.labels(informer=informer)
+        for reason in WATCH_RESTART_REASONS:
             WATCH_RESTARTS.labels(informer=informer, reason=reason)
     for reason in EVICTION_REASONS:
         EVICTIONS.labels(reason=reason)
+    for listener in LISTENERS:
+        CONNECTIONS.labels(listener=listener)
+        for reason in CONNECTION_REFUSALS:
+            CONNECTIONS_REFUSED.labels(listener=listener, reason=reason)
+    for kind in REFUSAL_KINDS:
+        REFUSALS_REMEMBERED.labels(kind=kind)
+    for severity in ("expired", "short"):
+        CLOCK_SKEW.labels(severity=severity)
     for result in TOKEN_RESULTS:
         TOKEN_VERIFICATIONS.labels(result=result)
 

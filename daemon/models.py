@@ -146,6 +146,8 @@ class Ticket:
     priority: Priority
     seq: int = 0
     granted: asyncio.Future[None] | None = field(default=None, repr=False)
+    attempts: int = 0  # STS calls made for this exchange so far
+    last_error: str | None = None  # what STS answered to the last of them, in a few words
 
     @property
     def queued(self) -> bool:

@@ -10,6 +10,7 @@ listener is a separate app: /metrics, /healthz, /readyz.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from daemon import metrics
+from daemon.logs import RateLimited
 from daemon.cache import CredentialCache
 from daemon.config import MAX_TOKEN_CHARS, Address
 from daemon.directory.base import Directory
@@ -35,6 +37,7 @@ from daemon.errors import (
 from daemon.models import CacheKey, VerifiedToken
 
 log = logging.getLogger(__name__)
+refusal_log = RateLimited(log)
 audit = logging.getLogger("irsa_cache.audit")
 
 CREDENTIALS_PATH = "/v1/credentials"
@@ -44,6 +47,12 @@ OUTCOME = web.RequestKey("outcome", str)  # set by the handler, counted by the m
 class Verifier(Protocol):
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def not_ready_reason(self) -> str | None: ...
+
+    async def run(self) -> None:
+        """Load what verification needs (keys, the issuer), retrying until it has it."""
 
     async def verify(self, token: str) -> VerifiedToken: ...
 
@@ -65,6 +74,24 @@ def allowed_hosts(addresses: Iterable[Address]) -> frozenset[str]:
 def error_body(code: str, message: str) -> dict[str, str]:
     # Go reads either case, Java lower case, JS capitalised.
     return {"code": code, "message": message, "Code": code, "Message": message}
+
+
+def error_json(code: str, message: str) -> bytes:
+    return json.dumps(error_body(code, message)).encode()
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
+
+
+def raw_error_response(status: int, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error answer that closes the connection, for the listeners to
+    write before (or instead of) aiohttp parsing a request."""
+    body = error_json(code, message)
+    retry = "Retry-After: 1\r\n" if status == 503 else ""
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n")
+    return head.encode() + body
 
 
 def json_response(
@@ -102,10 +129,10 @@ def create_app(
     async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         outcome = "error"
+        connection = request.protocol
+        connection.busy += 1  # type: ignore[attr-defined]  # a BoundedHandler: not evicted while answering
         try:
-            host = request.headers.get("Host", "").lower()
-            if host not in hosts():
-                raise WrongHostError(f"Host {host!r} is not an address this daemon listens on")
+            check_host(request, hosts())
             response = await handler(request)
             outcome = request.get(OUTCOME, "error")
         except DaemonError as exc:
@@ -117,9 +144,17 @@ def create_app(
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             code = exc.reason.lower().replace(" ", "_")
             response = error_response(exc.status, code, f"{request.method} {request.path}: {exc.reason}", headers=allow)
+        except asyncio.CancelledError:
+            # The client went away while held (botocore gives up after 2 s): nothing to answer.
+            requests, duration = metrics.request_series(499, "abandoned")
+            requests.inc()
+            duration.observe(time.perf_counter() - started)
+            raise
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
             response = error_response(500, "internal_error", "internal error; see the daemon's log")
+        finally:
+            connection.busy -= 1  # type: ignore[attr-defined]
         requests, duration = metrics.request_series(response.status, outcome)
         requests.inc()
         duration.observe(time.perf_counter() - started)
@@ -132,6 +167,9 @@ def create_app(
                 "the Authorization header is missing; it must hold the token from AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
                 code="missing_token",
             )
+        if not token.isascii():  # aiohttp keeps bytes that are not UTF-8 as surrogates
+            raise RequestError("the Authorization header holds bytes that are not ASCII; a token is base64url text",
+                               code="bad_header")
         token = token.removeprefix("Bearer ").strip()
         if len(token) > MAX_TOKEN_CHARS:
             raise TokenError(f"the token is {len(token)} characters; STS accepts at most {MAX_TOKEN_CHARS}", code="token_too_long")
@@ -159,27 +197,54 @@ def create_app(
     return app
 
 
+def check_host(request: web.Request, hosts: frozenset[str]) -> None:
+    """The Host header, and the authority of an absolute-form request target
+    (`GET http://host/v1/credentials`), must name one of our listen addresses."""
+    host = request.headers.get("Host", "").lower()
+    if host not in hosts:
+        raise WrongHostError(f"Host {host!r} is not an address this daemon listens on")
+    target = request.raw_path
+    if not target.startswith("/"):
+        authority = target.partition("://")[2].partition("/")[0].lower()
+        if not target.lower().startswith("http://") or authority not in hosts:
+            raise WrongHostError(f"the request names {authority or target[:60]!r}, not an address this daemon "
+                                 "listens on")
+
+
 def log_failure(request: web.Request, error: DaemonError) -> None:
+    """A refused request, at a bounded rate: any pod can send bad tokens all day."""
     extra = {"status": error.status, "code": error.code, "path": request.path}
     if isinstance(error, StsError):
         extra["sts_code"] = error.sts_code
     level = logging.WARNING if error.status >= 500 or isinstance(error, (StsError, RequestError)) else logging.INFO
-    log.log(level, "request refused: %s", error.message, extra=extra)
+    refusal_log.log(level, "request refused: %s", error.message, extra=extra)
 
 
-def create_metrics_app(*, ready: Callable[[], bool]) -> web.Application:
+def create_metrics_app(*, not_ready: Callable[[], list[str]]) -> web.Application:
+    """/metrics, /healthz (the process answers) and /readyz (200, or 503 naming every
+    reason it is not ready: keys not loaded, an informer cut off, draining)."""
+
+    @web.middleware
+    async def busy(request: web.Request, handler: Handler) -> web.StreamResponse:
+        connection = request.protocol
+        connection.busy += 1  # type: ignore[attr-defined]
+        try:
+            return await handler(request)
+        finally:
+            connection.busy -= 1  # type: ignore[attr-defined]
+
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
-        is_ready = ready()
-        metrics.DIRECTORY_READY.set(1 if is_ready else 0)
-        return web.Response(status=200 if is_ready else 503, text="ready\n" if is_ready else "not ready\n")
+        reasons = not_ready()
+        metrics.DIRECTORY_READY.set(0 if reasons else 1)
+        if reasons:
+            return web.Response(status=503, text="not ready: " + "; ".join(reasons) + "\n")
+        return web.Response(text="ready\n")
 
-    app = web.Application()
+    app = web.Application(middlewares=[busy])
     app.router.add_get("/metrics", make_aiohttp_handler())
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
-
-

@@ -13,16 +13,20 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+import math
+import random
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from daemon import metrics
-from daemon.errors import TokenError
+from daemon.errors import DirectoryUnavailableError, TokenError
+from daemon.logs import describe
 from daemon.models import Clock, Identity, VerifiedToken, fingerprint
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,9 @@ class FileKeySource:
         self.description = f"file {path}"
 
     async def fetch(self) -> Mapping[str, Any]:
-        return json.loads(self.path.read_text())  # type: ignore[no-any-return]
+        with self.path.open("rb") as file:
+            body = file.read(MAX_KEY_SET_BYTES + 1)
+        return _json_document(body, self.description)
 
 
 class UrlKeySource:
@@ -64,45 +70,115 @@ class UrlKeySource:
     async def fetch(self) -> Mapping[str, Any]:
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
             async with session.get(self.url) as response:
-                response.raise_for_status()
-                return await response.json(content_type=None)  # type: ignore[no-any-return]
+                if response.status != 200:
+                    raise ValueError(f"{self.url} answered HTTP {response.status}")
+                return _json_document(await response.content.read(MAX_KEY_SET_BYTES + 1), self.description)
 
 
-def parse_key_set(document: Mapping[str, Any]) -> dict[str | None, jwt.PyJWK]:
-    """Keys by `kid`; keys we would never trust (HMAC, encryption, unknown types) are skipped."""
+def _json_document(body: bytes, where: str) -> Mapping[str, Any]:
+    if len(body) > MAX_KEY_SET_BYTES:
+        raise ValueError(f"{where} holds more than {MAX_KEY_SET_BYTES} bytes: not a key set")
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise ValueError(f"{where} is not JSON") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    return document
+
+
+KEY_LOAD_BACKOFF_BASE_SECONDS = 0.5
+KEY_LOAD_BACKOFF_MAX_SECONDS = 30.0
+MIN_RSA_KEY_BITS = 2048  # NIST SP 800-57: smaller RSA keys are breakable
+# The one curve each ECDSA algorithm is defined on (RFC 7518, section 3.4).
+CURVE_OF_ALGORITHM = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+MAX_KEY_SET_BYTES = 1024 * 1024  # a key set holds a few keys; anything larger is not one
+
+
+def parse_key_set(document: Any) -> dict[str | None, jwt.PyJWK]:
+    """Keys by `kid`. Keys we would never trust are skipped and logged: HMAC and
+    encryption keys, unknown types, RSA keys under 2048 bits, EC keys on a curve other
+    than their algorithm's. Raises ValueError for a document that is not a key set."""
+    raw_keys = document.get("keys") if isinstance(document, Mapping) else None
+    if not isinstance(raw_keys, list):
+        raise ValueError("not a JSON Web Key Set (no `keys` list)")
     keys: dict[str | None, jwt.PyJWK] = {}
-    for raw in document.get("keys", []):
+    for raw in raw_keys:
+        if not isinstance(raw, dict):
+            log.warning("skipping a key set entry that is not an object")
+            continue
         kid = raw.get("kid")
         if raw.get("kty") == "oct" or raw.get("use", "sig") != "sig":
             log.warning("skipping key %s: not an asymmetric signing key", kid)
             continue
         try:
             key = jwt.PyJWK(raw)
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
             log.warning("skipping key %s: %s", kid, exc)
             continue
         if key.algorithm_name not in ALLOWED_ALGORITHMS:
             log.warning("skipping key %s: algorithm %s is not allowed", kid, key.algorithm_name)
             continue
-        keys[kid] = key
+        weakness = _weakness(key)
+        if weakness:
+            log.warning("skipping key %s: %s", kid, weakness)
+            continue
+        keys[kid if isinstance(kid, str) else None] = key
     return keys
 
 
+def _weakness(key: jwt.PyJWK) -> str | None:
+    public = key.key
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_KEY_BITS:
+        return f"an RSA key of {public.key_size} bits (at least {MIN_RSA_KEY_BITS} are required)"
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        wanted = CURVE_OF_ALGORITHM.get(key.algorithm_name)
+        if public.curve.name != wanted:
+            return f"an EC key on {public.curve.name}, but {key.algorithm_name} is defined on {wanted}"
+    if not isinstance(public, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        return "not a public key"  # a JWK carrying private parameters, say
+    return None
+
+
+async def retry_until_done(attempt: Callable[[], Awaitable[None]], *, on_failure: Callable[[str], None]) -> None:
+    """Run `attempt` until it returns, backing off with full jitter after each failure
+    (told to `on_failure` as one line, and logged)."""
+    failures = 0
+    while True:
+        try:
+            await attempt()
+            return
+        except Exception as exc:  # noqa: BLE001 - an upstream's failure, whatever its kind
+            failures += 1
+            reason = describe(exc)
+            on_failure(reason)
+            delay = random.uniform(0, min(KEY_LOAD_BACKOFF_MAX_SECONDS, KEY_LOAD_BACKOFF_BASE_SECONDS * 2**failures))
+            log.warning("%s; retrying in %.1f s", reason, delay)
+            await asyncio.sleep(delay)
+
+
 class TokenVerifier:
-    """Verifies tokens of one issuer and audience against a trusted key set."""
+    """Verifies tokens of one issuer and audience against a trusted key set.
+
+    `issuer` may be None with `discover_issuer` given: the issuer is then asked for
+    when the keys are first loaded (a cluster's discovery document)."""
 
     def __init__(
         self,
         *,
-        issuer: str,
+        issuer: str | None,
         audience: str,
         key_source: KeySource,
         clock: Clock,
         leeway_seconds: float,
         refetch_min_interval_seconds: float,
         max_verified: int,
+        discover_issuer: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
+        if issuer is None and discover_issuer is None:
+            raise ValueError("TokenVerifier needs an issuer or a way to discover it")
         self.issuer = issuer
+        self._discover_issuer = discover_issuer
         self.audience = audience
         self._key_source = key_source
         self._clock = clock
@@ -112,24 +188,56 @@ class TokenVerifier:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._last_fetch: float | None = None
         self._fetch_lock = asyncio.Lock()
+        self._load_error: str | None = None
         # What a token proved, by digest: never the token itself, which stays only with
         # the cache entry that may need it to refresh.
         self._verified: dict[bytes, _Proof] = {}
 
     @property
     def ready(self) -> bool:
-        return bool(self._keys)
+        return bool(self._keys) and self.issuer is not None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why no token can be verified yet, for /readyz; None once the keys are loaded."""
+        if self.ready:
+            return None
+        return self._load_error or f"signing keys not loaded yet from {self._key_source.description}"
 
     async def load_keys(self) -> None:
         """Fetch the key set now; raises if the source fails or holds no usable key."""
+        if self.issuer is None:
+            assert self._discover_issuer is not None  # the constructor insists on one of them
+            self.issuer = await self._discover_issuer()
+            log.info("service-account issuer: %s", self.issuer)
         document = await self._key_source.fetch()
         keys = parse_key_set(document)
         if not keys:
             raise ValueError(f"the key set from {self._key_source.description} has no usable signing key")
         self._keys = keys
+        self._load_error = None
         log.info("loaded %d signing keys from %s", len(keys), self._key_source.description)
 
+    async def run(self) -> None:
+        """Load the key set (and discover the issuer, if asked to), retrying until it
+        loads. An unreachable key source at start is an outage to wait out, not a reason
+        to exit: every node would crash-loop through it. Once loaded, an unknown `kid`
+        refetches the set (see `verify`)."""
+
+        def failed(reason: str) -> None:
+            metrics.KEY_SET_FAILURES.inc()
+            self._load_error = f"signing keys not loaded from {self._key_source.description}: {reason}"
+
+        await retry_until_done(self.load_keys, on_failure=failed)
+
     async def verify(self, token: str) -> VerifiedToken:
+        if not token.isascii():
+            metrics.token_verification("malformed_token").inc()
+            raise TokenError("the token holds characters that are not ASCII: not a JWT", code="malformed_token")
+        if not self.ready:
+            raise DirectoryUnavailableError(
+                f"cannot verify tokens yet: {self.not_ready_reason}; retry shortly", code="keys_unavailable"
+            )
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
         proof = self._verified.get(digest)
@@ -205,11 +313,11 @@ class TokenVerifier:
             self._last_fetch = now
             metrics.KEY_SET_FETCHES.inc()
             try:
-                document = await self._key_source.fetch()
+                keys = parse_key_set(await self._key_source.fetch())
             except Exception as exc:  # keep the keys we have; the next interval tries again
-                log.warning("refetching signing keys from %s failed: %s", self._key_source.description, exc)
+                metrics.KEY_SET_FAILURES.inc()
+                log.warning("refetching signing keys from %s failed: %s", self._key_source.description, describe(exc))
                 return False
-            keys = parse_key_set(document)
             if keys:
                 self._keys = keys
             return True
@@ -231,16 +339,17 @@ class TokenVerifier:
                 code="wrong_audience",
             )
 
-        exp = claims.get("exp")
-        if not isinstance(exp, (int, float)):
-            raise TokenError("claim 'exp' is missing or not a number", code="expired_token")
+        exp = _time_claim(claims, "exp")
+        if exp is None:
+            raise TokenError("claim 'exp' is missing", code="expired_token")
         if now > exp + self._leeway:
             raise TokenError(
                 f"the token expired at {_utc(exp)} ({now - exp:.0f} s ago)", code="expired_token"
             )
-        nbf = claims.get("nbf")
-        if isinstance(nbf, (int, float)) and now + self._leeway < nbf:
+        nbf = _time_claim(claims, "nbf")
+        if nbf is not None and now + self._leeway < nbf:
             raise TokenError(f"the token is not valid before {_utc(nbf)}", code="token_not_yet_valid")
+        _time_claim(claims, "iat")
 
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
@@ -268,6 +377,21 @@ class TokenVerifier:
             for oldest in list(self._verified)[: self._max_verified // 4 or 1]:
                 del self._verified[oldest]
         self._verified[digest] = _Proof(verified.identity, verified.expires_at, verified.fingerprint)
+
+
+MAX_TIME_CLAIM = 253_402_300_799  # 9999-12-31T23:59:59Z: later is no date anyone issues
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim (RFC 7519): a finite number of seconds, or absent. NaN, an
+    infinity (JSON's 1e400) or a boolean would compare as "never expires"."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_TIME_CLAIM:
+        raise TokenError(f"claim {name!r} is {value!r}, not a time in seconds", code="malformed_token")
+    return float(value)
 
 
 def _object_claim(claims: Mapping[str, Any], name: str, path: str | None = None) -> Mapping[str, Any]:

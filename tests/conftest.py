@@ -116,9 +116,13 @@ async def start_daemon(tmp_path: Path, issuer: Issuer, sts: StsDouble) -> AsyncI
             identities: dict[str, str] | None = None,
             clock: Clock = system_clock,
             source: CredentialSource | None = None,
+            adjust: Callable[[config.Settings], config.Settings] | None = None,
         ) -> app.RunningDaemon:
+            """`adjust` changes settings no flag reaches (limits, deadlines) for a test."""
             static_config = issuer.write_static_config(tmp_path, identities or DEFAULT_IDENTITIES)
             settings = config.parse_serve_args(serve_args(static_config, sts.url, *extra_args), environ={})
+            if adjust is not None:
+                settings = adjust(settings)
             return await stack.enter_async_context(app.running(settings, clock=clock, source=source))
 
         yield start

@@ -268,13 +268,16 @@ async def test_under_hard_throttling_every_caller_gets_credentials_or_a_clear_50
 
     first = await asyncio.wait_for(asyncio.gather(*(fetch(http, daemon, token) for token in tokens)), timeout=60)
 
-    assert {answer.status for answer in first} <= {200, 503}
+    assert {answer.status for answer in first} <= {200, 502, 503}
     for answer in first:
-        if answer.status == 503:
+        if answer.status == 503:  # still waiting for the budget or STS when the hold ended
             assert answer.headers["Retry-After"] == "1"
             assert answer.body["code"] == "overloaded"
             assert "STS" in answer.body["message"]
-    assert any(answer.status == 503 for answer in first)  # STS really pushed back
+        if answer.status == 502:  # the exchange ran out of attempts: STS's own answer, and how many
+            assert answer.body["code"] == "sts_unavailable"
+            assert "Throttling" in answer.body["message"] and "attempts over" in answer.body["message"]
+    assert any(answer.status != 200 for answer in first)  # STS really pushed back
     assert metric("irsa_cache_sts_calls_total", reason="cold", result="throttled") > 0
 
     # Clients retry, as the SDKs do: everyone ends with credentials, one exchange per identity.

@@ -321,7 +321,11 @@ async def test_the_hmac_attack_token_is_well_formed_so_only_the_allow_list_stops
         pytest.param({"aud": None}, "wrong_audience", ["missing", IRSA_AUDIENCE], id="audience-missing"),
         pytest.param({"aud": []}, "wrong_audience", [IRSA_AUDIENCE], id="audience-empty-list"),
         pytest.param({"exp": None}, "expired_token", ["exp"], id="exp-missing"),
-        pytest.param({"exp": "tomorrow"}, "expired_token", ["exp"], id="exp-not-a-number"),
+        pytest.param({"exp": "tomorrow"}, "malformed_token", ["exp"], id="exp-not-a-number"),
+        pytest.param({"exp": True}, "malformed_token", ["exp"], id="exp-boolean"),
+        pytest.param({"nbf": "now"}, "malformed_token", ["nbf"], id="nbf-not-a-number"),
+        pytest.param({"iat": [1]}, "malformed_token", ["iat"], id="iat-not-a-number"),
+        pytest.param({"exp": 10**20}, "malformed_token", ["exp"], id="exp-beyond-year-9999"),
         pytest.param({"sub": None}, "malformed_token", ["sub"], id="sub-missing"),
     ],
 )
@@ -336,6 +340,24 @@ async def test_claims_that_are_refused_name_the_claim(
     assert error.code == code
     for text in mentions:
         assert text.format(issuer=issuer.url) in error.message
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+async def test_a_time_claim_must_be_a_finite_number(
+    verifier: TokenVerifier, issuer: Issuer, clock: FakeClock, claim: str, number: str
+) -> None:
+    # Signed by the trusted key: only the claim check stands between this token and
+    # "never expires" (NaN compares false with everything; 1e400 parses as infinity).
+    claims = claims_at(clock(), issuer=issuer.url)
+    payload = json.dumps({**claims, claim: "@@"}, separators=(",", ":")).replace('"@@"', number)
+    signing_input = f"{b64json({'alg': 'RS256', 'typ': 'JWT', 'kid': issuer.kid})}.{b64url(payload.encode())}"
+    token = f"{signing_input}.{b64url(signer('RS256', issuer.private_key)(signing_input.encode()))}"
+
+    error = await refused(verifier, token)
+
+    assert error.code == "malformed_token"
+    assert claim in error.message
 
 
 async def test_wrong_issuer_message_shows_expected_and_got(verifier: TokenVerifier, issuer: Issuer, clock: FakeClock) -> None:
@@ -722,6 +744,65 @@ async def test_the_key_set_keeps_only_asymmetric_signing_keys(
     keys = parse_key_set(document)
 
     assert set(keys) == {issuer.kid} | kept
+
+
+def rsa_jwk_of_bits(bits: int, kid: str) -> dict[str, Any]:
+    # cryptography no longer generates keys under 1024 bits; a public key needs only n and e.
+    n = random.Random(bits).getrandbits(bits) | (1 << (bits - 1)) | 1
+    public = rsa.RSAPublicNumbers(65537, n).public_key()
+    return {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public)), "kid": kid, "use": "sig", "alg": "RS256"}
+
+
+def ec_jwk_on(curve: ec.EllipticCurve, alg: str | None, kid: str) -> dict[str, Any]:
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(curve).public_key()))
+    return {**public, "kid": kid, **({"alg": alg} if alg else {})}
+
+
+@pytest.mark.parametrize(
+    ("jwk", "kept"),
+    [
+        pytest.param(lambda: rsa_jwk_of_bits(512, "rsa-512"), False, id="rsa-512"),
+        pytest.param(lambda: rsa_jwk_of_bits(1024, "rsa-1024"), False, id="rsa-1024"),
+        pytest.param(lambda: rsa_jwk_of_bits(2047, "rsa-2047"), False, id="rsa-2047"),
+        pytest.param(lambda: rsa_jwk_of_bits(2048, "rsa-2048"), True, id="rsa-2048"),
+        pytest.param(lambda: rsa_jwk_of_bits(4096, "rsa-4096"), True, id="rsa-4096"),
+        pytest.param(lambda: ec_jwk_on(ec.SECP256R1(), "ES384", "p256-as-es384"), False, id="p256-claiming-ES384"),
+        pytest.param(lambda: ec_jwk_on(ec.SECP384R1(), "ES256", "p384-as-es256"), False, id="p384-claiming-ES256"),
+        pytest.param(lambda: ec_jwk_on(ec.SECP256K1(), None, "secp256k1"), False, id="secp256k1"),
+        pytest.param(lambda: ec_jwk_on(ec.SECP384R1(), "ES384", "p384"), True, id="p384-ES384"),
+        pytest.param(lambda: ec_jwk_on(ec.SECP521R1(), None, "p521"), True, id="p521-by-curve"),
+    ],
+)
+def test_weak_keys_and_keys_off_their_curve_are_skipped_at_load(
+    jwk: Callable[[], dict[str, Any]], kept: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = jwk()
+
+    keys = parse_key_set({"keys": [key]})
+
+    assert (key["kid"] in keys) is kept
+    if not kept:
+        assert f"skipping key {key['kid']}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param([], id="a-list"),
+        pytest.param({"keys": {"kid": "x"}}, id="keys-not-a-list"),
+        pytest.param("keys", id="a-string"),
+        pytest.param({}, id="no-keys"),
+    ],
+)
+def test_a_document_that_is_not_a_key_set_is_a_clear_error(document: Any) -> None:
+    with pytest.raises(ValueError, match="not a JSON Web Key Set"):
+        parse_key_set(document)
+
+
+def test_entries_that_are_not_objects_are_skipped(issuer: Issuer) -> None:
+    keys = parse_key_set({"keys": ["junk", 7, None, *issuer.jwks()["keys"]]})
+
+    assert set(keys) == {issuer.kid}
 
 
 async def test_an_hmac_key_in_the_key_set_never_verifies_a_token(issuer: Issuer, clock: FakeClock) -> None:

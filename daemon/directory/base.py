@@ -22,7 +22,7 @@ DEFAULT_AUDIENCE = "sts.amazonaws.com"
 class Trust:
     """The token issuer to trust, the audience to require, and where its keys are."""
 
-    issuer: str
+    issuer: str | None  # None: discovered from the key source's cluster (Kubernetes)
     audience: str
     key_source: KeySource
 
@@ -31,6 +31,11 @@ class Directory(Protocol):
     @property
     def ready(self) -> bool:
         """True once the directory can answer."""
+        ...
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why it cannot answer (for /readyz), or None."""
         ...
 
     async def role_for(self, identity: Identity) -> str:

@@ -5,8 +5,11 @@
   account is deleted, the subject's cache entries are dropped at once.
 - Liveness: an informer over this node's Pods (`spec.nodeName=<node>`). A token
   bound to a pod is honoured only while that pod is live here; a
-  pod too new for the informer gets a short wait, then one direct read. Only
-  identities with a live pod here are refreshed.
+  pod too new for the informer gets a short wait, then one direct read, shared by
+  every request for that pod. A pod found absent (or on another node) is remembered
+  for `absent_pod_seconds`, so that a stream of requests with a foreign token costs
+  the API server one read, not one per request; the informer's sight of the pod
+  on this node clears it at once. Only identities with a live pod here are refreshed.
 - Trust: the issuer and key set from the API server's discovery endpoints, through
   the client's authenticated session; or TokenReview (`TokenReviewVerifier`).
 
@@ -20,19 +23,23 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import re
-from collections import Counter
-from collections.abc import Callable, Mapping
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from daemon import metrics
-from daemon.directory.informer import Informer, Key, Obj, raw_json
+from daemon.config import ApiTimeouts
+from daemon.directory.informer import ApiError, Informer, Key, Obj, key_of, raw_json, total_timeout
 from daemon.errors import DirectoryUnavailableError, IdentityNotAllowedError, TokenError
+from daemon.logs import describe
 from daemon.models import CacheKey, Clock, Identity, VerifiedToken, fingerprint
+from daemon.tokens import retry_until_done
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +65,45 @@ class KubernetesDirectory:
         node_name: str,
         annotation_prefix: str,
         pod_wait_seconds: float,
+        timeouts: ApiTimeouts,
+        absent_pod_seconds: float = 30.0,
+        max_absent_pods: int = 10_000,
     ) -> None:
         self._core = client.CoreV1Api(api)
         self._node = node_name
         self._annotation = f"{annotation_prefix}/role-arn"
         self._pod_wait = pod_wait_seconds
+        self._timeouts = timeouts
+        self._absent_pod_seconds = absent_pod_seconds
+        self._max_absent_pods = max_absent_pods
         self._pod_arrivals: dict[Key, asyncio.Event] = {}
+        self._pod_reads: dict[Key, asyncio.Task[Obj | None]] = {}
+        # Pods found absent from this node: (namespace, name) -> (until, the refusal), oldest first.
+        self._absent: OrderedDict[Key, tuple[float, IdentityNotAllowedError]] = OrderedDict()
         self._live_pods_per_account: Counter[Key] = Counter()
         self.on_role_change: Callable[[str], None] = lambda subject: None  # wired to the cache
         self.accounts = Informer(
             name="serviceaccounts",
             list_call=self._core.list_service_account_for_all_namespaces,
             on_change=self._account_changed,
+            timeouts=timeouts,
         )
         self.pods = Informer(
             name="pods",
             list_call=self._core.list_pod_for_all_namespaces,
             on_change=self._pod_changed,
             field_selector=f"spec.nodeName={node_name}",
+            timeouts=timeouts,
         )
 
     @property
     def ready(self) -> bool:
-        return self.accounts.synced.is_set() and self.pods.synced.is_set() and self.accounts.healthy and self.pods.healthy
+        return self.not_ready_reason is None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        reasons = [r for r in (self.accounts.not_ready_reason, self.pods.not_ready_reason) if r]
+        return "; ".join(reasons) or None
 
     async def run(self) -> None:
         """Both informers, until cancelled."""
@@ -104,12 +127,12 @@ class KubernetesDirectory:
             raise IdentityNotAllowedError(
                 f"service account {namespace}/{name} does not exist", code="no_service_account"
             )
-        role_arn = (account["metadata"].get("annotations") or {}).get(self._annotation)
+        role_arn = _field(account, "metadata", "annotations", self._annotation)
         if role_arn is None:
             raise IdentityNotAllowedError(
                 f"service account {namespace}/{name} has no {self._annotation} annotation", code="no_role_annotation"
             )
-        if not ROLE_ARN.fullmatch(role_arn):
+        if not isinstance(role_arn, str) or not ROLE_ARN.fullmatch(role_arn):
             raise IdentityNotAllowedError(
                 f"service account {namespace}/{name}: annotation {self._annotation} is {role_arn!r}, "
                 "not an IAM role ARN", code="bad_role_annotation",
@@ -130,26 +153,51 @@ class KubernetesDirectory:
         key = (namespace, identity.pod_name)
         pod = self.pods.store.get(key)
         if pod is None:
+            remembered = self._remembered_absent(key)
+            if remembered is not None:
+                metrics.REFUSALS_REMEMBERED.labels(kind="pod_absent").inc()
+                raise remembered
             pod = await self._wait_for_new_pod(key)
         where = f"pod {namespace}/{identity.pod_name}"
         if pod is None:
-            raise IdentityNotAllowedError(f"{where} is not running on node {self._node}", code="pod_not_on_node")
-        node = (pod.get("spec") or {}).get("nodeName")
+            raise self._remember_absent(key, IdentityNotAllowedError(
+                f"{where} is not running on node {self._node}", code="pod_not_on_node"))
+        node = _field(pod, "spec", "nodeName")
         if node != self._node:
+            raise self._remember_absent(key, IdentityNotAllowedError(
+                f"{where} runs on node {node!r}, not on this node {self._node!r}", code="pod_on_other_node"))
+        uid = _field(pod, "metadata", "uid")
+        if uid != identity.pod_uid:
             raise IdentityNotAllowedError(
-                f"{where} runs on node {node!r}, not on this node {self._node!r}", code="pod_on_other_node"
-            )
-        if pod["metadata"].get("uid") != identity.pod_uid:
-            raise IdentityNotAllowedError(
-                f"{where} has uid {pod['metadata'].get('uid')}, the token was issued to uid {identity.pod_uid} "
+                f"{where} has uid {uid}, the token was issued to uid {identity.pod_uid} "
                 "(a deleted pod's token)", code="pod_uid_mismatch",
             )
-        phase = (pod.get("status") or {}).get("phase")
+        phase = _field(pod, "status", "phase")
         if phase not in LIVE_PHASES:
             raise IdentityNotAllowedError(f"{where} is {phase}, no longer live", code="pod_not_live")
 
+    def _remembered_absent(self, key: Key) -> IdentityNotAllowedError | None:
+        if not self.pods.healthy:
+            return None  # the informer may have missed the pod's arrival: read it again
+        remembered = self._absent.get(key)
+        if remembered is None:
+            return None
+        until, refusal = remembered
+        if time.monotonic() >= until:
+            del self._absent[key]
+            return None
+        return refusal
+
+    def _remember_absent(self, key: Key, refusal: IdentityNotAllowedError) -> IdentityNotAllowedError:
+        self._absent[key] = (time.monotonic() + self._absent_pod_seconds, refusal)
+        self._absent.move_to_end(key)
+        while len(self._absent) > self._max_absent_pods:
+            self._absent.popitem(last=False)
+        return refusal
+
     async def _wait_for_new_pod(self, key: Key) -> Obj | None:
-        """A starting pod may ask before the informer has it: wait briefly, then read it once."""
+        """A starting pod may ask before the informer has it: wait briefly, then read it
+        once, one read shared by every request for that pod."""
         arrival = self._pod_arrivals.setdefault(key, asyncio.Event())
         try:
             async with asyncio.timeout(self._pod_wait):
@@ -160,34 +208,56 @@ class KubernetesDirectory:
         finally:
             if self._pod_arrivals.get(key) is arrival and not arrival.is_set():
                 self._pod_arrivals.pop(key, None)
+        read = self._pod_reads.get(key)
+        if read is None:
+            read = asyncio.create_task(self._read_pod(key), name=f"read pod {key[0]}/{key[1]}")
+            self._pod_reads[key] = read
+            read.add_done_callback(lambda done: self._pod_reads.pop(key, None))
+        return await asyncio.shield(read)
+
+    async def _read_pod(self, key: Key) -> Obj | None:
+        where = f"pod {key[0]}/{key[1]}"
         try:
-            return await raw_json(await self._core.read_namespaced_pod(key[1], key[0], _preload_content=False))  # type: ignore[no-any-return]
-        except ApiException as exc:
+            response = await self._core.read_namespaced_pod(
+                key[1], key[0], _preload_content=False,
+                _request_timeout=total_timeout(self._timeouts, self._timeouts.request_seconds),
+            )
+            pod = await raw_json(response, f"read {where}")
+        except ApiError as exc:
             if exc.status == 404:
                 return None
-            raise DirectoryUnavailableError(f"cannot read pod {key[0]}/{key[1]}: API server answered {exc.status}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise DirectoryUnavailableError(f"cannot read pod {key[0]}/{key[1]}: {type(exc).__name__}") from exc
+            raise DirectoryUnavailableError(f"cannot read {where}: {exc}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise DirectoryUnavailableError(f"cannot read {where}: {_unreachable(exc)}") from None
+        if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
+            raise DirectoryUnavailableError(f"cannot read {where}: the API server answered JSON that is not a pod")
+        return pod
+
+    # The informers hand over objects with a name; any other field may be missing or of
+    # the wrong type in what a broken API server sends, and must not stop the informer.
 
     def _account_changed(self, old: Obj | None, new: Obj | None) -> None:
-        before = ((old or {}).get("metadata", {}).get("annotations") or {}).get(self._annotation)
-        after = ((new or {}).get("metadata", {}).get("annotations") or {}).get(self._annotation)
-        if old is not None and before != after:
-            meta = old["metadata"]
-            subject = f"system:serviceaccount:{meta['namespace']}:{meta['name']}"
+        before = _field(old, "metadata", "annotations", self._annotation)
+        after = _field(new, "metadata", "annotations", self._annotation)
+        key = key_of(old)
+        if key is not None and before != after:
+            subject = f"system:serviceaccount:{key[0]}:{key[1]}"
             log.info("role of %s changed from %s to %s: dropping its cached credentials", subject, before, after)
             self.on_role_change(subject)
 
     def _pod_changed(self, old: Obj | None, new: Obj | None) -> None:
         for pod, delta in ((old, -1), (new, +1)):
-            if pod is not None and (pod.get("status") or {}).get("phase") in LIVE_PHASES:
-                meta, spec = pod["metadata"], pod.get("spec") or {}
-                account = (meta["namespace"], spec.get("serviceAccountName") or "default")
+            key = key_of(pod)
+            if key is not None and _field(pod, "status", "phase") in LIVE_PHASES:
+                account_name = _field(pod, "spec", "serviceAccountName")
+                account = (key[0], account_name if isinstance(account_name, str) and account_name else "default")
                 self._live_pods_per_account[account] += delta
                 if self._live_pods_per_account[account] <= 0:
                     del self._live_pods_per_account[account]
-        if new is not None:
-            arrival = self._pod_arrivals.pop((new["metadata"]["namespace"], new["metadata"]["name"]), None)
+        key = key_of(new)
+        if key is not None:
+            self._absent.pop(key, None)  # here after all: served at once
+            arrival = self._pod_arrivals.pop(key, None)
             if arrival is not None:
                 arrival.set()
 
@@ -195,73 +265,126 @@ class KubernetesDirectory:
 class ApiServerKeySource:
     """The service-account issuer's key set, read from the API server."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, timeouts: ApiTimeouts) -> None:
         self._openid = client.OpenidApi(api)
         self._well_known = client.WellKnownApi(api)
+        self._timeout = total_timeout(timeouts, timeouts.request_seconds)
         self.description = "the API server's /openid/v1/jwks"
 
     async def issuer(self) -> str:
         # These two return str() of a dict unless asked for the raw body (kubernetes-asyncio 36).
-        response = await self._well_known.get_service_account_issuer_open_id_configuration(_preload_content=False)
-        return str((await raw_json(response))["issuer"])
+        response = await self._well_known.get_service_account_issuer_open_id_configuration(
+            _preload_content=False, _request_timeout=self._timeout)
+        issuer = _field(await raw_json(response, "the discovery document"), "issuer")
+        if not isinstance(issuer, str) or not issuer.startswith("https://"):
+            raise ApiError(f"the discovery document's issuer is {issuer!r}, not an https:// URL")
+        return issuer
 
     async def fetch(self) -> Mapping[str, Any]:
-        response = await self._openid.get_service_account_issuer_open_id_keyset(_preload_content=False)
-        return await raw_json(response)  # type: ignore[no-any-return]
+        response = await self._openid.get_service_account_issuer_open_id_keyset(
+            _preload_content=False, _request_timeout=self._timeout)
+        document = await raw_json(response, "the key set")
+        if not isinstance(document, dict):
+            raise ApiError("the key set is not a JSON object")
+        return document
 
 
 class TokenReviewVerifier:
     """Verification by the API server itself (TokenReview): it also proves the bound pod exists.
 
     Results are kept per token digest until the token's `exp`, which is read from the
-    (already reviewed) payload.
+    (already reviewed) payload. A rejected token is remembered for `rejected_seconds`,
+    so that a stream of bad tokens costs the API server one review each, not one per
+    request.
     """
 
-    def __init__(self, *, api: client.ApiClient, issuer: str, audience: str, clock: Clock, max_cached: int) -> None:
+    def __init__(self, *, api: client.ApiClient, issuer: str | None, audience: str, clock: Clock, max_cached: int,
+                 timeouts: ApiTimeouts, discover_issuer: Callable[[], Awaitable[str]] | None = None,
+                 rejected_seconds: float = 30.0) -> None:
         self._auth = client.AuthenticationV1Api(api)
         self.issuer = issuer
+        self._discover_issuer = discover_issuer
+        self._discovery_error: str | None = None
         self.audience = audience
         self._clock = clock
         self._max_cached = max_cached
+        self._timeout = total_timeout(timeouts, timeouts.request_seconds)
+        self._rejected_seconds = rejected_seconds
         self._reviewed: dict[bytes, tuple[Identity, float, str]] = {}
+        self._rejected: OrderedDict[bytes, tuple[float, TokenError]] = OrderedDict()
 
     @property
     def ready(self) -> bool:
-        return True
+        return self.issuer is not None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        if self.issuer is not None:
+            return None
+        return self._discovery_error or "the service-account issuer is not known yet"
+
+    async def run(self) -> None:
+        """Discover the issuer (the cache key's) if it was not given; nothing else to load."""
+
+        async def discover() -> None:
+            assert self._discover_issuer is not None
+            self.issuer = await self._discover_issuer()
+
+        def failed(reason: str) -> None:
+            self._discovery_error = f"the service-account issuer is not known: {reason}"
+
+        if self.issuer is None:
+            await retry_until_done(discover, on_failure=failed)
 
     async def verify(self, token: str) -> VerifiedToken:
+        if not token.isascii():
+            metrics.token_verification("malformed_token").inc()
+            raise TokenError("the token holds characters that are not ASCII: not a JWT", code="malformed_token")
+        if self.issuer is None:
+            raise DirectoryUnavailableError(f"cannot verify tokens yet: {self.not_ready_reason}; retry shortly",
+                                            code="keys_unavailable")
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
         cached = self._reviewed.get(digest)
         if cached is not None and now < cached[1]:
-            metrics.TOKEN_VERIFICATIONS.labels(result="cached").inc()
+            metrics.token_verification("cached").inc()
             return VerifiedToken(identity=cached[0], raw=token, expires_at=cached[1], fingerprint=cached[2])
+        rejected = self._rejected.get(digest)
+        if rejected is not None and now < rejected[0]:
+            metrics.REFUSALS_REMEMBERED.labels(kind="token_review").inc()
+            raise rejected[1]
         expires_at = _unverified_expiry(token)
         if expires_at is None:
-            metrics.TOKEN_VERIFICATIONS.labels(result="malformed_token").inc()
-            raise TokenError("the token is not a JWT with an `exp` claim", code="malformed_token")
+            metrics.token_verification("malformed_token").inc()
+            raise TokenError("the token is not a JWT with a finite `exp` claim", code="malformed_token")
         if expires_at <= now:
-            metrics.TOKEN_VERIFICATIONS.labels(result="expired_token").inc()
+            metrics.token_verification("expired_token").inc()
             raise TokenError("the token has expired", code="expired_token")
         status = await self._review(token)
-        if not status.get("authenticated"):
-            metrics.TOKEN_VERIFICATIONS.labels(result="token_review_rejected").inc()
-            raise TokenError(
-                f"the API server's TokenReview rejected the token: {status.get('error') or 'not authenticated'}",
+        if status.get("authenticated") is not True:
+            metrics.token_verification("token_review_rejected").inc()
+            error = TokenError(
+                "the API server's TokenReview rejected the token: "
+                f"{str(status.get('error') or 'not authenticated')[:200]}",
                 code="token_review_rejected",
             )
-        user = status.get("user") or {}
-        extra = user.get("extra") or {}
+            self._rejected[digest] = (now + self._rejected_seconds, error)
+            while len(self._rejected) > self._max_cached:
+                self._rejected.popitem(last=False)
+            raise error
+        username = _field(status, "user", "username")
+        username = username if isinstance(username, str) else ""
+        account = _account_of(username) or (None, None)
         identity = Identity(
             issuer=self.issuer,
-            subject=user.get("username", ""),
+            subject=username,
             audience=self.audience,
-            namespace=(_account_of(user.get("username", "")) or (None, None))[0],
-            service_account=(_account_of(user.get("username", "")) or (None, None))[1],
-            pod_name=(extra.get(POD_NAME_EXTRA) or [None])[0],
-            pod_uid=(extra.get(POD_UID_EXTRA) or [None])[0],
+            namespace=account[0],
+            service_account=account[1],
+            pod_name=_first(_field(status, "user", "extra", POD_NAME_EXTRA)),
+            pod_uid=_first(_field(status, "user", "extra", POD_UID_EXTRA)),
         )
-        metrics.TOKEN_VERIFICATIONS.labels(result="valid").inc()
+        metrics.token_verification("valid").inc()
         if len(self._reviewed) >= self._max_cached:
             self._reviewed = {d: v for d, v in self._reviewed.items() if v[1] > now}
         print_ = fingerprint(token)
@@ -275,19 +398,42 @@ class TokenReviewVerifier:
             "spec": {"token": token, "audiences": [self.audience]},
         }
         try:
-            response = await self._auth.create_token_review(body, _preload_content=False)
-            return (await raw_json(response)).get("status") or {}
-        except ApiException as exc:
-            raise DirectoryUnavailableError(f"TokenReview failed: API server answered {exc.status}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise DirectoryUnavailableError(f"TokenReview failed: {type(exc).__name__}") from exc
+            response = await self._auth.create_token_review(body, _preload_content=False,
+                                                            _request_timeout=self._timeout)
+            status = _field(await raw_json(response, "TokenReview"), "status")
+        except ApiError as exc:
+            raise DirectoryUnavailableError(f"TokenReview failed: {exc}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise DirectoryUnavailableError(f"TokenReview failed: {_unreachable(exc)}") from None
+        return status if isinstance(status, dict) else {}
+
+
+def _field(obj: Any, *path: str) -> Any:
+    """obj[path[0]][path[1]]..., or None where a level is missing or not an object."""
+    for name in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(name)
+    return obj
+
+
+def _first(values: Any) -> str | None:
+    return values[0] if isinstance(values, list) and values and isinstance(values[0], str) else None
+
+
+def _unreachable(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "the API server did not answer in time"
+    return f"the API server cannot be reached ({describe(exc)})"
 
 
 def _unverified_expiry(token: str) -> float | None:
     try:
         payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        exp = claims.get("exp")
-        return float(exp) if isinstance(exp, (int, float)) else None
-    except (IndexError, ValueError, AttributeError):
+    except (IndexError, ValueError):
         return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+        return None
+    return float(exp)

@@ -62,6 +62,10 @@ class StaticDirectory:
     def ready(self) -> bool:
         return True
 
+    @property
+    def not_ready_reason(self) -> str | None:
+        return None
+
     def in_use(self, key: CacheKey) -> bool:
         return True  # the file knows no pods: requests alone keep an entry alive (idle eviction)
 

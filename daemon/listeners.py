@@ -1,0 +1,306 @@
+"""Listening sockets and what a connection on them may cost.
+
+Any pod on the node can open connections to the credentials address, and anything
+that reaches the node can open them to the metrics address. So on both, whatever a
+client sends:
+
+- a request head (request line and headers) must be complete within
+  `head_seconds` of the connection or of its first byte, and hold at most
+  `max_head_bytes`: a client that trickles bytes, or sends none, or sends megabytes
+  of headers, is answered 408 or 431 and closed;
+- an idle keep-alive connection is closed after `idle_seconds`;
+- at most `max_connections` are open at once. A new connection beyond that closes
+  the oldest one not answering a request (a slow or idle client, which is how an
+  attacker holds a connection), so that a legitimate client, which sends its
+  request at once, is served; only when every connection is answering a request
+  (held for STS) is the new one answered 503 with Retry-After and closed.
+
+So memory and file descriptors stay bounded: `max_connections` x (`max_head_bytes`
++ a connection's own state). Refusals are counted, and logged at a bounded rate.
+
+Built on aiohttp's request handler (a subclass: the hook that renders the parser's
+own errors, `handle_error`, is not public; the aiohttp version is pinned and a test
+covers it). Sockets are created here, not by aiohttp, so that bind errors become one
+clear line and a successor can be handed the very same sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from daemon import metrics
+from daemon.config import Address, ConnectionLimits
+from daemon.logs import RateLimited
+
+log = logging.getLogger(__name__)
+refusals = RateLimited(log)
+
+_HEAD_END = b"\r\n\r\n"
+BACKLOG = 1024
+
+
+def _handler_options(limits: ConnectionLimits) -> dict[str, Any]:
+    return {
+        "keepalive_timeout": limits.idle_seconds,
+        "max_headers": limits.max_headers,
+        "max_field_size": limits.max_field_bytes,
+        "max_line_size": limits.max_line_bytes,
+    }
+
+
+class BindError(Exception):
+    """A listen address cannot be bound; the message says what to do."""
+
+
+def bind(address: Address) -> socket.socket:
+    """A listening TCP socket on `address`, or BindError saying why not in one line."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise BindError(f"{address}: {address.host!r} is not an address of this node ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(_bind_advice(address, exc)) from None
+    return sock
+
+
+def _bind_advice(address: Address, exc: OSError) -> str:
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{address}: {address.host} is not an address of this node; run `irsa-cache init-network` to "
+                f"add it (the DaemonSet's init container does), or use --listen 127.0.0.1:PORT")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{address}: port {address.port} is already in use on {address.host} (another credentials agent, "
+                "such as the EKS Pod Identity Agent, or a second irsa-cache?)")
+    if exc.errno == errno.EACCES:
+        return (f"{address}: permission denied: port {address.port} needs CAP_NET_BIND_SERVICE "
+                "(the image's interpreter carries it) or a port above 1023")
+    return f"{address}: cannot listen: {exc.strerror or exc}"
+
+
+class ConnectionTable:
+    """The open connections of one listener, oldest first."""
+
+    def __init__(self, *, name: str, limits: ConnectionLimits) -> None:
+        self.name = name
+        self.limits = limits
+        self._open: OrderedDict[BoundedHandler, None] = OrderedDict()
+        self._gauge = metrics.CONNECTIONS.labels(listener=name)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for connection in self._open if connection.busy)
+
+    def admit(self, connection: BoundedHandler) -> bool:
+        """Room for `connection`: at once, or by closing the oldest connection not
+        answering a request. False if every connection is answering one."""
+        if len(self._open) >= self.limits.max_connections:
+            idle = next((c for c in self._open if not c.busy), None)
+            if idle is None:
+                return False
+            idle.close_refused("evicted", "the oldest connection not in a request made room for a new one")
+        self._open[connection] = None
+        self._gauge.set(len(self._open))
+        return True
+
+    def release(self, connection: BoundedHandler) -> None:
+        if self._open.pop(connection, 0) is None:
+            self._gauge.set(len(self._open))
+
+    def idle(self) -> list[BoundedHandler]:
+        return [connection for connection in self._open if not connection.busy]
+
+
+Render = Callable[[int, str, str], bytes]
+"""(status, code, message) -> a whole HTTP/1.1 response that closes the connection."""
+
+
+class BoundedHandler(RequestHandler):
+    """aiohttp's request handler with the bounds of the module docstring."""
+
+    __slots__ = ("_table", "_render", "_admitted", "_head_bytes", "_head_timer", "_tail", "busy")
+
+    def __init__(self, manager: web.Server, *, table: ConnectionTable, render: Render,
+                 loop: asyncio.AbstractEventLoop, **options: Any) -> None:
+        super().__init__(manager, loop=loop, **options)
+        self._table = table
+        self._render = render
+        self._admitted = False
+        self._head_bytes = 0  # of the request head being read; 0 between requests
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes seen, for a head end split across reads
+        self.busy = 0  # requests being answered (set by the app's middleware)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._table.admit(self):
+            metrics.connections_refused(self._table.name, "full").inc()
+            refusals.log(logging.WARNING, "%s listener: %d connections, all answering requests: refusing one",
+                         self._table.name, len(self._table))
+            transport.write(self._render(503, "too_many_connections",  # type: ignore[attr-defined]
+                                         "irsa-cache is answering as many connections as it allows; retry shortly"))
+            transport.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._arm_head_timer()  # also bounds a connection that never sends a byte
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._disarm_head_timer()
+        self._table.release(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._admitted or self.transport is None:
+            return
+        if self._count_head_bytes(data):
+            super().data_received(data)
+
+    def _count_head_bytes(self, data: bytes) -> bool:
+        """Follow request heads through `data` (several, if pipelined); False if one is too big."""
+        limit = self._table.limits.max_head_bytes
+        scanned = self._tail + data
+        offset = len(self._tail)  # bytes of `scanned` already counted
+        start = 0
+        while True:
+            if self._head_bytes == 0 and self._head_timer is None and offset < len(scanned):
+                self._arm_head_timer()  # the first byte of a new request head
+            end = scanned.find(_HEAD_END, start)
+            if end < 0:
+                self._head_bytes += len(scanned) - offset
+                self._tail = scanned[-(len(_HEAD_END) - 1):]
+                break
+            self._head_bytes += end + len(_HEAD_END) - offset
+            if self._head_bytes > limit:
+                break
+            # A whole head: the request is aiohttp's now; the next byte starts another.
+            self._head_bytes = 0
+            self._disarm_head_timer()
+            start = offset = end + len(_HEAD_END)
+            self._tail = b""
+        if self._head_bytes > limit:
+            self.close_refused("head_too_large", f"request head over {limit} bytes",
+                               status=431, code="header_too_large",
+                               message=f"the request's headers exceed {limit} bytes")
+            return False
+        return True
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self._loop.call_later(self._table.limits.head_seconds, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.busy or self._head_bytes == 0 and self._request_count:
+            return  # between requests: the keep-alive timeout is aiohttp's
+        limit = self._table.limits.head_seconds
+        self.close_refused("head_timeout", f"no whole request head within {limit:g} s", status=408,
+                           code="request_timeout", message=f"the request's headers did not arrive within {limit:g} s")
+
+    def close_refused(self, reason: str, why: str, *, status: int | None = None, code: str = "",
+                      message: str = "") -> None:
+        """Close this connection for `reason` (counted, logged at a bounded rate), with a
+        JSON answer first if `status` is given."""
+        metrics.connections_refused(self._table.name, reason).inc()
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        refusals.log(logging.INFO, "%s listener: closed a connection from %s: %s", self._table.name,
+                     peer[0] if peer else "?", why)
+        self._disarm_head_timer()
+        self._table.release(self)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if status is not None:
+                transport.write(self._render(status, code, message))  # type: ignore[attr-defined]
+            transport.close()
+        self.force_close()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse: the JSON error body every SDK
+        parses, naming the kind of error only (its text may quote the request)."""
+        kind = type(exc).__name__ if exc is not None else "error"
+        refusals.log(logging.INFO, "%s listener: unparsable request (%s)", self._table.name, kind)
+        if isinstance(exc, LineTooLong):
+            metrics.connections_refused(self._table.name, "head_too_large").inc()
+            limits = self._table.limits
+            status, code = 431, "header_too_large"
+            text = (f"a header is over {limits.max_field_bytes} bytes or the request line over "
+                    f"{limits.max_line_bytes} (a token is at most 20000 characters)")
+        elif status < 500:
+            metrics.connections_refused(self._table.name, "unparsable").inc()
+            code, text = "bad_request", f"the request could not be parsed as HTTP/1.1 ({kind})"
+        else:
+            code, text = "internal_error", "internal error; see the daemon's log"
+        response = web.Response(status=status, body=_json_error_body(code, text), content_type="application/json")
+        response.force_close()
+        return response
+
+
+def _json_error_body(code: str, message: str) -> bytes:
+    from daemon.server import error_json  # the one place that shapes error bodies
+
+    return error_json(code, message)
+
+
+@dataclass
+class Listener:
+    """One listening address: its socket, the asyncio server accepting on it, its connections."""
+
+    address: Address  # as bound: a port given as 0 is resolved
+    sock: socket.socket
+    table: ConnectionTable
+    server: asyncio.Server | None = None
+
+    def stop_accepting(self) -> None:
+        """No new connections from here on; connections already accepted carry on."""
+        if self.server is not None:
+            self.server.close()
+
+
+async def serve(*, name: str, runner: web.AppRunner, sockets: list[socket.socket], limits: ConnectionLimits,
+                render: Render) -> list[Listener]:
+    """Accept connections on `sockets` for the app behind `runner` (already set up)."""
+    loop = asyncio.get_running_loop()
+    assert runner.server is not None, "runner.setup() first"
+    manager = runner.server
+    table = ConnectionTable(name=name, limits=limits)
+    options = _handler_options(limits)
+
+    def connection() -> BoundedHandler:
+        return BoundedHandler(manager, table=table, render=render, loop=loop, access_log=None, **options)
+
+    listeners = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        listener = Listener(address=Address(str(host), int(port)), sock=sock, table=table)
+        listener.server = await loop.create_server(connection, sock=sock, backlog=BACKLOG)
+        listeners.append(listener)
+    return listeners

@@ -1,0 +1,280 @@
+"""What a connection may cost, tried over real sockets as a hostile pod would: bytes of
+headers, time to send them, idle time, how many at once; and the parser's own refusals
+as the JSON every SDK parses."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from daemon import config
+from daemon.app import RunningDaemon
+from daemon.config import Settings
+from daemon.embedded import Issuer
+from tests.conftest import SUBJECT_A, SUBJECT_B, StartDaemon, fetch, metric
+from tests.sts_double import StsDouble
+
+BOUND_SECONDS = 10.0
+
+
+def limits(**changes: float) -> Callable[[Settings], Settings]:
+    """Settings with the credentials listener's limits changed."""
+
+    def adjust(settings: Settings) -> Settings:
+        credentials = dataclasses.replace(settings.server.credentials_limits, **changes)
+        return dataclasses.replace(settings, server=dataclasses.replace(settings.server, credentials_limits=credentials))
+
+    return adjust
+
+
+async def raw_exchange(daemon: RunningDaemon, data: bytes, *, read_timeout: float = BOUND_SECONDS) -> bytes:
+    """Send `data` on a new connection and read until the server closes it."""
+    address = daemon.listen[0]
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), read_timeout)
+    finally:
+        writer.close()
+
+
+def json_error(answer: bytes) -> tuple[int, dict[str, str]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert re.search(rb"\r\nContent-Type: application/json\r\n", head), head
+    return status, json.loads(body)
+
+
+@pytest.fixture
+async def open_connections() -> AsyncIterator[list[asyncio.StreamWriter]]:
+    writers: list[asyncio.StreamWriter] = []
+    yield writers
+    for writer in writers:
+        writer.close()
+
+
+async def served_within(http: aiohttp.ClientSession, daemon: RunningDaemon, issuer: Issuer, seconds: float) -> float:
+    started = time.monotonic()
+    answer = await asyncio.wait_for(fetch(http, daemon, issuer.mint(SUBJECT_A)), BOUND_SECONDS)
+    elapsed = time.monotonic() - started
+    assert answer.status == 200, answer.body
+    assert elapsed < seconds, elapsed
+    return elapsed
+
+
+# --- the parser's refusals are JSON too ---
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        pytest.param(b"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\nBad Header Line\r\n\r\n", 400,
+                     "bad_request", id="malformed-header"),
+        pytest.param(b"BREW /v1/credentials HTCPCP/1.0\r\nHost: {host}\r\n\r\n", 400, "bad_request",
+                     id="not-http"),
+        pytest.param(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: {host}\r\n\r\n", 431, "header_too_large",
+                     id="100kB-url"),
+        pytest.param(b"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n"
+                     + b"".join(b"X-%d: y\r\n" % n for n in range(10_000)) + b"\r\n", None, None,
+                     id="10000-headers"),
+        pytest.param(b"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\nAuthorization: "
+                     + b"a" * 40_000 + b"\r\n\r\n", 431, "header_too_large", id="40kB-header"),
+    ],
+)
+async def test_the_parsers_refusals_are_json_and_leave_everyone_else_served(
+    daemon: RunningDaemon, issuer: Issuer, http: aiohttp.ClientSession,
+    request_bytes: bytes, status: int | None, code: str | None,
+) -> None:
+    answer = await raw_exchange(daemon, request_bytes.replace(b"{host}", str(daemon.listen[0]).encode()))
+
+    got_status, body = json_error(answer)
+    if status is None:  # too many headers: over the count (400) or the bytes (431) first
+        assert (got_status, body["code"]) in ((400, "bad_request"), (431, "header_too_large"))
+    else:
+        assert (got_status, body["code"]) == (status, code)
+    assert body["message"] == body["Message"] and body["message"]
+    await served_within(http, daemon, issuer, 1.0)
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_a_400_not_a_500(
+    daemon: RunningDaemon, issuer: Issuer, http: aiohttp.ClientSession
+) -> None:
+    token = issuer.mint(SUBJECT_A).encode()
+    answer = await raw_exchange(
+        daemon,
+        b"GET /v1/credentials HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\xff\xfe\x80\r\nConnection: close\r\n\r\n"
+        % (str(daemon.listen[0]).encode(), token),
+    )
+
+    status, body = json_error(answer)
+    assert (status, body["code"]) == (400, "bad_header")
+    assert token.decode() not in answer.decode(errors="replace")
+    await served_within(http, daemon, issuer, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("target", "served"),
+    [
+        pytest.param("http://evil.example/v1/credentials", False, id="foreign-authority"),
+        pytest.param("http://evil.example:80/v1/credentials", False, id="foreign-authority-with-port"),
+        pytest.param("https://{ours}/v1/credentials", False, id="https-scheme"),
+        pytest.param("http://{ours}/v1/credentials", True, id="our-own-authority"),
+    ],
+)
+async def test_an_absolute_form_request_is_served_only_for_our_own_authority(
+    daemon: RunningDaemon, issuer: Issuer, sts: StsDouble, target: str, served: bool
+) -> None:
+    ours = str(daemon.listen[0])
+    token = issuer.mint(SUBJECT_A)
+    answer = await raw_exchange(
+        daemon,
+        f"GET {target.format(ours=ours)} HTTP/1.1\r\nHost: {ours}\r\nAuthorization: {token}\r\n"
+        f"Connection: close\r\n\r\n".encode(),
+    )
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if served:
+        assert head.split()[1] == b"200"
+        assert "SecretAccessKey" in json.loads(body)
+    else:
+        status, error = json_error(answer)
+        assert (status, error["code"]) == (400, "wrong_host")
+        assert not sts.assume_calls  # refused before anything was asked of STS
+
+
+# --- time: a head must arrive whole and soon; idle connections go ---
+
+
+async def test_a_connection_that_sends_nothing_is_closed_at_the_head_deadline(
+    start_daemon: StartDaemon, issuer: Issuer, http: aiohttp.ClientSession
+) -> None:
+    daemon = await start_daemon(adjust=limits(head_seconds=0.5))
+    address = daemon.listen[0]
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    started = time.monotonic()
+
+    answer = await asyncio.wait_for(reader.read(), BOUND_SECONDS)
+
+    assert 0.4 < time.monotonic() - started < 3
+    status, body = json_error(answer)
+    assert (status, body["code"]) == (408, "request_timeout")
+    writer.close()
+    assert metric("irsa_cache_connections_refused_total", listener="credentials", reason="head_timeout") >= 1
+
+
+async def test_a_head_trickled_a_byte_at_a_time_is_cut_at_the_deadline(
+    start_daemon: StartDaemon, issuer: Issuer, http: aiohttp.ClientSession
+) -> None:
+    daemon = await start_daemon(adjust=limits(head_seconds=1.0))
+    address = daemon.listen[0]
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    started = time.monotonic()
+    closed = asyncio.create_task(reader.read())
+    request = f"GET /v1/credentials HTTP/1.1\r\nHost: {address}\r\nAuthorization: {issuer.mint(SUBJECT_A)}\r\n\r\n"
+    for byte in request.encode():  # bounded: the request's length, 50 bytes a second
+        if closed.done():
+            break
+        writer.write(bytes([byte]))
+        await asyncio.sleep(0.02)
+
+    answer = await asyncio.wait_for(closed, BOUND_SECONDS)
+    assert time.monotonic() - started < 3
+    status, body = json_error(answer)
+    assert (status, body["code"]) == (408, "request_timeout")
+    writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(
+    start_daemon: StartDaemon, issuer: Issuer
+) -> None:
+    daemon = await start_daemon(adjust=limits(idle_seconds=0.5))
+    address = daemon.listen[0]
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(f"GET /v1/credentials HTTP/1.1\r\nHost: {address}\r\nAuthorization: {issuer.mint(SUBJECT_A)}"
+                 "\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_SECONDS)
+    assert head.split()[1] == b"200"
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    await reader.readexactly(length)
+    started = time.monotonic()
+
+    assert await asyncio.wait_for(reader.read(), BOUND_SECONDS) == b""  # closed by the server
+
+    assert time.monotonic() - started < 3
+    writer.close()
+
+
+async def test_pipelined_requests_on_one_connection_are_all_answered(
+    daemon: RunningDaemon, issuer: Issuer
+) -> None:
+    address = daemon.listen[0]
+    one = f"GET /v1/credentials HTTP/1.1\r\nHost: {address}\r\nAuthorization: {issuer.mint(SUBJECT_A)}\r\n\r\n"
+    last = one.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n")
+
+    answer = await raw_exchange(daemon, (one * 3 + last).encode())
+
+    assert answer.count(b"HTTP/1.1 200 OK") == 4
+
+
+# --- how many: the oldest idle connection makes room; a full house of busy ones refuses ---
+
+
+async def test_at_the_cap_idle_connections_make_room_for_a_real_client(
+    start_daemon: StartDaemon, issuer: Issuer, http: aiohttp.ClientSession,
+    open_connections: list[asyncio.StreamWriter],
+) -> None:
+    daemon = await start_daemon(adjust=limits(max_connections=20))
+    address = daemon.listen[0]
+    for n in range(60):  # three times the cap, each holding a half-sent head
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(b"GET /v1/credentials HTTP/1.1\r\nX-Slow: " + b"x" * 1000)
+        open_connections.append(writer)
+    await asyncio.sleep(0.1)
+
+    assert metric("irsa_cache_connections", listener="credentials") <= 20
+    assert metric("irsa_cache_connections_refused_total", listener="credentials", reason="evicted") >= 40
+    await served_within(http, daemon, issuer, 1.0)
+
+
+async def test_when_every_connection_is_answering_a_new_one_gets_503_json(
+    start_daemon: StartDaemon, issuer: Issuer, sts: StsDouble,
+) -> None:
+    daemon = await start_daemon(adjust=limits(max_connections=3))
+    sts.delay_seconds = 3.0  # every caller is held for its exchange
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_SECONDS)) as held:
+        waiting = [asyncio.create_task(fetch(held, daemon, issuer.mint(subject)))
+                   for subject in (SUBJECT_A, SUBJECT_B, "system:serviceaccount:batch:one")]
+        await asyncio.sleep(0.5)
+        answer = await raw_exchange(daemon, b"GET /v1/credentials HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        status, body = json_error(answer)
+        assert (status, body["code"]) == (503, "too_many_connections")
+        assert b"\r\nRetry-After: 1\r\n" in answer
+        # The held callers were not the ones sacrificed: each gets its credentials.
+        assert [a.status for a in await asyncio.gather(*waiting)] == [200, 200, 200]
+
+
+async def test_the_metrics_listener_is_bounded_too(
+    daemon: RunningDaemon, http: aiohttp.ClientSession, open_connections: list[asyncio.StreamWriter]
+) -> None:
+    address = daemon.metrics_listen
+    cap = config.METRICS_LIMITS.max_connections
+    for _ in range(cap * 2):
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        open_connections.append(writer)
+    await asyncio.sleep(0.1)
+
+    assert metric("irsa_cache_connections", listener="metrics") <= cap
+    started = time.monotonic()
+    async with http.get(f"http://{address}/readyz") as response:
+        assert response.status == 200
+    assert time.monotonic() - started < 1.0
