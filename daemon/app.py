@@ -60,6 +60,7 @@ class RunningDaemon:
     metrics_listen: config.Address
     cache: CredentialCache
     verifier: server.Verifier
+    directory: Directory
     credentials: list[listeners.Listener] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     draining: bool = False
@@ -137,7 +138,8 @@ async def kubernetes_identities(
         )
     else:
         trust = Trust(issuer=wanted.issuer, audience=wanted.audience, key_source=keys)  # type: ignore[arg-type]
-        verifier = _key_set_verifier(trust, clock, discover_issuer=keys.issuer)
+        verifier = _key_set_verifier(trust, clock, discover_issuer=keys.issuer,
+                                     retry_max_seconds=wanted.timeouts.backoff_max_seconds)
 
     def subscribe(callback: RoleChanged) -> None:
         directory.on_role_change = callback
@@ -166,7 +168,8 @@ async def _kubernetes_configuration(kubeconfig: object) -> object:
     return configuration
 
 
-def _key_set_verifier(trust: Trust, clock: Clock, *, discover_issuer: object = None) -> TokenVerifier:
+def _key_set_verifier(trust: Trust, clock: Clock, *, discover_issuer: object = None,
+                      retry_max_seconds: float = 30.0) -> TokenVerifier:
     return TokenVerifier(
         issuer=trust.issuer,
         audience=trust.audience,
@@ -176,6 +179,7 @@ def _key_set_verifier(trust: Trust, clock: Clock, *, discover_issuer: object = N
         refetch_min_interval_seconds=config.JWKS_REFETCH_MIN_INTERVAL_SECONDS,
         max_verified=config.VERIFIED_TOKENS_MAX,
         discover_issuer=discover_issuer,  # type: ignore[arg-type]
+        retry_max_seconds=retry_max_seconds,
     )
 
 
@@ -295,7 +299,7 @@ async def running(
         hosts = server.allowed_hosts(bound)
 
         daemon = RunningDaemon(listen=bound, metrics_listen=config.Address("", 0), cache=cache, verifier=verifier,
-                               credentials=credentials, tasks=tasks)
+                               directory=directory, credentials=credentials, tasks=tasks)
 
         def not_ready() -> list[str]:
             reasons = [r for r in (verifier.not_ready_reason, directory.not_ready_reason) if r]

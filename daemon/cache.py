@@ -52,7 +52,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from dataclasses import dataclass, field
 
 from daemon import metrics
@@ -199,10 +199,9 @@ class CredentialCache:
         release_waiters(); True if it finished."""
         if exchange.done():
             return True
-        waiting: set[asyncio.Future[Any]] = {exchange}
-        if self._closing is not None:
-            waiting.add(self._closing)
-        done, _ = await asyncio.wait(waiting, timeout=hold, return_when=asyncio.FIRST_COMPLETED)
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        done, _ = await asyncio.wait({exchange, self._closing}, timeout=hold, return_when=asyncio.FIRST_COMPLETED)
         return exchange in done
 
     def release_waiters(self) -> None:

@@ -48,6 +48,7 @@ class ApiTimeouts:
     # A real API server sends a bookmark about every minute: a watch quiet for longer is
     # presumed dead (a black-holed connection, a hung server) and replaced by a list.
     watch_silence_seconds: float = 90.0
+    backoff_max_seconds: float = 30.0  # between relists while the server fails
 
 # Policy that operators do not tune: the SDK contract and STS's limits.
 STALE_CUTOFF_SECONDS = 60.0  # stop serving stale credentials this close to expiry

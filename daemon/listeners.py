@@ -140,7 +140,7 @@ Render = Callable[[int, str, str], bytes]
 class BoundedHandler(RequestHandler):
     """aiohttp's request handler with the bounds of the module docstring."""
 
-    __slots__ = ("_table", "_render", "_admitted", "_head_bytes", "_head_timer", "_tail", "busy")
+    __slots__ = ("_table", "_render", "_admitted", "_pending", "_head_timer", "busy")
 
     def __init__(self, manager: web.Server, *, table: ConnectionTable, render: Render,
                  loop: asyncio.AbstractEventLoop, **options: Any) -> None:
@@ -148,9 +148,8 @@ class BoundedHandler(RequestHandler):
         self._table = table
         self._render = render
         self._admitted = False
-        self._head_bytes = 0  # of the request head being read; 0 between requests
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._tail = b""  # the last bytes seen, for a head end split across reads
+        self._pending = bytearray()  # a request head not yet whole
+        self._head_timer: asyncio.TimerHandle | None = None  # runs while a head is awaited
         self.busy = 0  # requests being answered (set by the app's middleware)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -174,39 +173,47 @@ class BoundedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        """Hand aiohttp whole request heads only: a partial head waits here, in one buffer
+        of at most `max_head_bytes`, and never reaches the parser (which would keep more
+        per header). Bytes after a head start the next one (pipelining)."""
         if not self._admitted or self.transport is None:
             return
-        if self._count_head_bytes(data):
-            super().data_received(data)
-
-    def _count_head_bytes(self, data: bytes) -> bool:
-        """Follow request heads through `data` (several, if pipelined); False if one is too big."""
         limit = self._table.limits.max_head_bytes
-        scanned = self._tail + data
-        offset = len(self._tail)  # bytes of `scanned` already counted
-        start = 0
+        pending = self._pending
+        if not pending:
+            if self._head_timer is None:
+                self._arm_head_timer()  # the first byte of a new head
+            if data.endswith(_HEAD_END) and data.find(_HEAD_END) == len(data) - len(_HEAD_END):
+                # The usual case: one whole request head in one read.
+                if len(data) > limit:
+                    self._too_large(limit)
+                    return
+                self._disarm_head_timer()
+                super().data_received(data)
+                return
+        searched = max(0, len(pending) - len(_HEAD_END) + 1)
+        pending.extend(data)
         while True:
-            if self._head_bytes == 0 and self._head_timer is None and offset < len(scanned):
-                self._arm_head_timer()  # the first byte of a new request head
-            end = scanned.find(_HEAD_END, start)
+            end = pending.find(_HEAD_END, searched)
+            length = end + len(_HEAD_END) if end >= 0 else len(pending)
+            if length > limit:
+                self._too_large(limit)
+                return
             if end < 0:
-                self._head_bytes += len(scanned) - offset
-                self._tail = scanned[-(len(_HEAD_END) - 1):]
-                break
-            self._head_bytes += end + len(_HEAD_END) - offset
-            if self._head_bytes > limit:
-                break
-            # A whole head: the request is aiohttp's now; the next byte starts another.
-            self._head_bytes = 0
+                return  # the rest of this head is still to come
+            head = bytes(pending[:length])
+            del pending[:length]
             self._disarm_head_timer()
-            start = offset = end + len(_HEAD_END)
-            self._tail = b""
-        if self._head_bytes > limit:
-            self.close_refused("head_too_large", f"request head over {limit} bytes",
-                               status=431, code="header_too_large",
-                               message=f"the request's headers exceed {limit} bytes")
-            return False
-        return True
+            super().data_received(head)
+            if not pending or self.transport is None or self.transport.is_closing():
+                return
+            self._arm_head_timer()
+            searched = 0
+
+    def _too_large(self, limit: int) -> None:
+        self._pending.clear()
+        self.close_refused("head_too_large", f"request head over {limit} bytes", status=431,
+                           code="header_too_large", message=f"the request's headers exceed {limit} bytes")
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
@@ -219,8 +226,8 @@ class BoundedHandler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.busy or self._head_bytes == 0 and self._request_count:
-            return  # between requests: the keep-alive timeout is aiohttp's
+        if self.busy or not self._pending and self._request_count:
+            return  # answering, or between requests: the keep-alive timeout is aiohttp's
         limit = self._table.limits.head_seconds
         self.close_refused("head_timeout", f"no whole request head within {limit:g} s", status=408,
                            code="request_timeout", message=f"the request's headers did not arrive within {limit:g} s")
@@ -234,6 +241,7 @@ class BoundedHandler(RequestHandler):
         refusals.log(logging.INFO, "%s listener: closed a connection from %s: %s", self._table.name,
                      peer[0] if peer else "?", why)
         self._disarm_head_timer()
+        self._pending = bytearray()
         self._table.release(self)
         transport = self.transport
         if transport is not None and not transport.is_closing():

@@ -140,7 +140,8 @@ def _weakness(key: jwt.PyJWK) -> str | None:
     return None
 
 
-async def retry_until_done(attempt: Callable[[], Awaitable[None]], *, on_failure: Callable[[str], None]) -> None:
+async def retry_until_done(attempt: Callable[[], Awaitable[None]], *, on_failure: Callable[[str], None],
+                           max_delay_seconds: float = KEY_LOAD_BACKOFF_MAX_SECONDS) -> None:
     """Run `attempt` until it returns, backing off with full jitter after each failure
     (told to `on_failure` as one line, and logged)."""
     failures = 0
@@ -152,7 +153,7 @@ async def retry_until_done(attempt: Callable[[], Awaitable[None]], *, on_failure
             failures += 1
             reason = describe(exc)
             on_failure(reason)
-            delay = random.uniform(0, min(KEY_LOAD_BACKOFF_MAX_SECONDS, KEY_LOAD_BACKOFF_BASE_SECONDS * 2**failures))
+            delay = random.uniform(0, min(max_delay_seconds, KEY_LOAD_BACKOFF_BASE_SECONDS * 2**failures))
             log.warning("%s; retrying in %.1f s", reason, delay)
             await asyncio.sleep(delay)
 
@@ -174,11 +175,13 @@ class TokenVerifier:
         refetch_min_interval_seconds: float,
         max_verified: int,
         discover_issuer: Callable[[], Awaitable[str]] | None = None,
+        retry_max_seconds: float = KEY_LOAD_BACKOFF_MAX_SECONDS,
     ) -> None:
         if issuer is None and discover_issuer is None:
             raise ValueError("TokenVerifier needs an issuer or a way to discover it")
         self.issuer = issuer
         self._discover_issuer = discover_issuer
+        self._retry_max_seconds = retry_max_seconds
         self.audience = audience
         self._key_source = key_source
         self._clock = clock
@@ -228,7 +231,7 @@ class TokenVerifier:
             metrics.KEY_SET_FAILURES.inc()
             self._load_error = f"signing keys not loaded from {self._key_source.description}: {reason}"
 
-        await retry_until_done(self.load_keys, on_failure=failed)
+        await retry_until_done(self.load_keys, on_failure=failed, max_delay_seconds=self._retry_max_seconds)
 
     async def verify(self, token: str) -> VerifiedToken:
         if not token.isascii():

@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from daemon import app, config
 from daemon.embedded import DEMO_ACCOUNT, Issuer, MotoSts, write_token
 from daemon.models import Clock, CredentialSource, system_clock
+from tests.k8s_double import K8sApiDouble, pod, service_account
 from tests.sts_double import StsDouble
 
 ROLE_A = f"arn:aws:iam::{DEMO_ACCOUNT}:role/app-a"
@@ -198,3 +199,69 @@ async def boto3_caller_identity(credentials_url: str, token_file: Path, sts_url:
 
 def token_file(tmp_path: Path, token: str, name: str = "token") -> Path:
     return write_token(tmp_path / name, token)
+
+
+# --- Kubernetes: the API double, the daemon against it, and a cluster's objects ---
+
+NODE = "node-a"
+
+
+@pytest.fixture
+async def k8s(issuer: Issuer) -> AsyncIterator[K8sApiDouble]:
+    double = await K8sApiDouble(issuer=issuer.url, jwks=issuer.jwks()).start()
+    yield double
+    await double.stop()
+
+
+StartK8sDaemon = Callable[..., Awaitable[app.RunningDaemon]]
+
+
+@pytest.fixture
+async def start_k8s_daemon(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path) -> AsyncIterator[StartK8sDaemon]:
+    kubeconfig = k8s.write_kubeconfig(tmp_path / "kubeconfig")
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(
+            *extra: str, adjust: Callable[[config.Settings], config.Settings] | None = None
+        ) -> app.RunningDaemon:
+            settings = config.parse_serve_args(
+                ["--directory", "kubernetes", "--kubeconfig", str(kubeconfig), "--node-name", NODE,
+                 "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--region", "us-east-1",
+                 "--sts-endpoint-url", sts.url, "--request-hold", "20", *extra],
+                environ={},
+            )
+            if adjust is not None:
+                settings = adjust(settings)
+            return await stack.enter_async_context(app.running(settings))
+
+        yield start
+
+
+class Cluster:
+    """Objects in the API double, and tokens minted for pods as the kubelet would."""
+
+    def __init__(self, k8s: K8sApiDouble, issuer: Issuer) -> None:
+        self.k8s = k8s
+        self.issuer = issuer
+
+    def account(self, namespace: str, name: str, role_arn: str | None) -> dict:
+        return self.k8s.create(service_account(namespace, name, role_arn))
+
+    def pod(self, namespace: str, name: str, account: str, node: str = NODE) -> dict:
+        return self.k8s.create(pod(namespace, name, node, account))
+
+    def token(self, bound_pod: dict, **claims: object) -> str:
+        meta, spec = bound_pod["metadata"], bound_pod["spec"]
+        subject = f"system:serviceaccount:{meta['namespace']}:{spec['serviceAccountName']}"
+        return self.issuer.mint(subject, pod_name=meta["name"], pod_uid=meta["uid"], **claims)
+
+
+@pytest.fixture
+def cluster(k8s: K8sApiDouble, issuer: Issuer) -> Cluster:
+    return Cluster(k8s, issuer)
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.02)

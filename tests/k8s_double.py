@@ -16,6 +16,9 @@ for the client; `await double.stop()` at the end.
   `open_watches`, `await wait_for_watches(n)`.
 - outages: `await go_down()` (connection refused; `refuse=False`: 503 Status) and
   `await come_up()` (same port).
+- faults: `fault`, an async callable (request, call) -> response or None, answers
+  instead of the server when it returns one; `plain_answer()`, `watch_lines()` and
+  `silence()` build the misbehaviour of proxies and hung servers.
 - records: `calls` (method, path, verb, query, status), `requests` Counter by
   (verb, path), `count(verb, path)`, `watch_calls(path)` (the resourceVersion etc. each
   watch asked for), `token_review_requests`.
@@ -127,7 +130,7 @@ import copy
 import json
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,6 +222,51 @@ def status_body(code: int, reason: str, message: str, details: Obj | None = None
     if details is not None:
         body["details"] = details
     return body
+
+
+Fault = Callable[[web.Request, "Call"], Awaitable["web.StreamResponse | None"]]
+
+
+def plain_answer(status: int, body: str, content_type: str = "text/html") -> Fault:
+    """A proxy's answer: any status, any body, not a Kubernetes Status."""
+
+    async def fault(request: web.Request, call: Call) -> web.StreamResponse:
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    return fault
+
+
+def watch_lines(*lines: bytes, only_watches: bool = True) -> Fault:
+    """A 200 chunked stream of these raw lines on watches (lists are served as usual)."""
+
+    async def fault(request: web.Request, call: Call) -> web.StreamResponse | None:
+        if only_watches and call.verb != "watch":
+            return None
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for line in lines:
+            await response.write(line)
+        await response.write_eof()
+        return response
+
+    return fault
+
+
+def silence(*, after_headers: bool = False, verbs: tuple[str, ...] = ("list", "watch", "get", "create")) -> Fault:
+    """A hung server: accepts the request and never answers (or answers headers, then nothing)."""
+
+    async def fault(request: web.Request, call: Call) -> web.StreamResponse | None:
+        if call.verb not in verbs:
+            return None
+        if after_headers:
+            response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+        await asyncio.Event().wait()  # until the client gives up (handler_cancellation)
+        raise AssertionError("unreachable")
+
+    return fault
 
 
 def dumps(value: Any) -> bytes:
@@ -503,6 +551,7 @@ class K8sApiDouble:
         self._history: list[Change] = []
         self._open: list[_OpenWatch] = []
         self._unavailable = False
+        self.fault: Fault | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.url = ""
@@ -807,6 +856,10 @@ class K8sApiDouble:
         self.calls.append(call)
         request[CALL_KEY] = call
         request[ROUTE_KEY] = route
+        answer = await self.fault(request, call) if self.fault is not None else None
+        if answer is not None:
+            call.status = answer.status
+            return answer
         if self._unavailable:
             response: web.StreamResponse = status_response(
                 503, "ServiceUnavailable", "the server is currently unable to handle the request")

@@ -4,79 +4,20 @@ API double, real boto3 and moto, the daemon on loopback."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import jwt
 import pytest
 
-from daemon import app, config
 from daemon.embedded import DEMO_ACCOUNT, Issuer
-from tests.conftest import ROLE_A, ROLE_B, boto3_caller_identity, fetch, metric, token_file
+from tests.conftest import (
+    NODE, ROLE_A, ROLE_B, Cluster, StartK8sDaemon, boto3_caller_identity, eventually, fetch, metric, token_file,
+)
 from tests.k8s_double import K8sApiDouble, identity_for, pod, service_account
 from tests.sts_double import StsDouble
 
-NODE = "node-a"
-
-
-@pytest.fixture
-async def k8s(issuer: Issuer) -> AsyncIterator[K8sApiDouble]:
-    double = await K8sApiDouble(issuer=issuer.url, jwks=issuer.jwks()).start()
-    yield double
-    await double.stop()
-
-
-StartK8sDaemon = Callable[..., Awaitable[app.RunningDaemon]]
-
-
-@pytest.fixture
-async def start_k8s_daemon(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path) -> AsyncIterator[StartK8sDaemon]:
-    kubeconfig = k8s.write_kubeconfig(tmp_path / "kubeconfig")
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(*extra: str) -> app.RunningDaemon:
-            settings = config.parse_serve_args(
-                ["--directory", "kubernetes", "--kubeconfig", str(kubeconfig), "--node-name", NODE,
-                 "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--region", "us-east-1",
-                 "--sts-endpoint-url", sts.url, "--request-hold", "20", *extra],
-                environ={},
-            )
-            return await stack.enter_async_context(app.running(settings))
-
-        yield start
-
-
-class Cluster:
-    """Objects in the API double, and tokens minted for pods as the kubelet would."""
-
-    def __init__(self, k8s: K8sApiDouble, issuer: Issuer) -> None:
-        self.k8s = k8s
-        self.issuer = issuer
-
-    def account(self, namespace: str, name: str, role_arn: str | None) -> dict:
-        return self.k8s.create(service_account(namespace, name, role_arn))
-
-    def pod(self, namespace: str, name: str, account: str, node: str = NODE) -> dict:
-        return self.k8s.create(pod(namespace, name, node, account))
-
-    def token(self, bound_pod: dict, **claims: object) -> str:
-        meta, spec = bound_pod["metadata"], bound_pod["spec"]
-        subject = f"system:serviceaccount:{meta['namespace']}:{spec['serviceAccountName']}"
-        return self.issuer.mint(subject, pod_name=meta["name"], pod_uid=meta["uid"], **claims)
-
-
-@pytest.fixture
-def cluster(k8s: K8sApiDouble, issuer: Issuer) -> Cluster:
-    return Cluster(k8s, issuer)
-
-
-async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 async def test_boto3_gets_the_annotated_role_through_the_real_client(
@@ -224,7 +165,9 @@ async def test_informers_recover_from_dropped_watches_and_410_without_losing_eve
     expired_before = metric("irsa_cache_watch_restarts_total", informer="serviceaccounts", reason="expired")
 
     # A watch that ends cleanly is resumed from its resourceVersion; if the server's history
-    # no longer reaches back that far (410 Gone), the informer lists again.
+    # no longer reaches back that far (410 Gone), the informer lists again. (A watch ended
+    # within a second, with no event, would be a failure instead: a spinning server.)
+    await asyncio.sleep(1.1)
     k8s.drop_watches(abrupt=False)  # no await until compact(): the informer cannot reconnect in between
     account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] = ROLE_B
     k8s.update(account)

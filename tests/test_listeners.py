@@ -8,8 +8,10 @@ import asyncio
 import dataclasses
 import json
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,7 +19,7 @@ import pytest
 from daemon import config
 from daemon.app import RunningDaemon
 from daemon.config import Settings
-from daemon.embedded import Issuer
+from daemon.embedded import Background, Issuer, free_port
 from tests.conftest import SUBJECT_A, SUBJECT_B, StartDaemon, fetch, metric
 from tests.sts_double import StsDouble
 
@@ -278,3 +280,54 @@ async def test_the_metrics_listener_is_bounded_too(
     async with http.get(f"http://{address}/readyz") as response:
         assert response.status == 200
     assert time.monotonic() - started < 1.0
+
+
+# --- memory: the documented bound, on a daemon in a process of its own ---
+
+# README, "Resource bounds": bench/hostile_connections.py measures at most 38 KB per
+# connection (a head held at the 32 KiB limit); the test allows a margin for a noisy machine.
+BOUND_KB_PER_CONNECTION = 48
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def test_hundreds_of_slow_connections_stay_under_the_memory_bound_and_a_client_gets_through(
+    issuer: Issuer, sts: StsDouble, tmp_path: Path, open_connections: list[asyncio.StreamWriter]
+) -> None:
+    static = issuer.write_static_config(tmp_path, {SUBJECT_A: "arn:aws:iam::123456789012:role/app-a"})
+    listen, metrics_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    host, port = listen.split(":")
+    argv = [sys.executable, "-m", "daemon", "serve", "--listen", listen, "--metrics-listen", metrics_listen,
+            "--static-config", str(static), "--region", "us-east-1", "--sts-endpoint-url", sts.url]
+    token = issuer.mint(SUBJECT_A)
+    daemon = Background(argv, ready_url=f"http://{metrics_listen}/readyz", log_path=tmp_path / "daemon.log")
+    await asyncio.to_thread(daemon.__enter__)
+    try:
+        assert daemon.process is not None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_SECONDS)) as http:
+            async with http.get(f"http://{listen}/v1/credentials", headers={"Authorization": token}) as response:
+                assert response.status == 200  # cached from now on
+            await asyncio.sleep(0.5)
+            idle = rss_kb(daemon.process.pid)
+            fat = b"GET /v1/credentials HTTP/1.1\r\n" + (b"X-A: " + b"a" * 8000 + b"\r\n") * 3 + b"X-B: " + b"b" * 7000
+            for n in range(300):  # half never finish a fat head, half trickle a byte at a time
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.write(fat if n % 2 else b"G")
+                open_connections.append(writer)
+            for byte in b"ET /v1/credentials HTTP/1.1\r\nX-Slow: aaaa":  # bounded: 40 bytes, 0.05 s apart
+                await asyncio.sleep(0.05)
+                for writer in open_connections[::2]:
+                    writer.write(bytes([byte]))
+
+            started = time.monotonic()
+            async with http.get(f"http://{listen}/v1/credentials", headers={"Authorization": token}) as response:
+                assert response.status == 200
+            assert time.monotonic() - started < 1.0
+            grown = rss_kb(daemon.process.pid) - idle
+
+        assert grown < 300 * BOUND_KB_PER_CONNECTION, f"{grown} KB for 300 connections"
+    finally:
+        await asyncio.to_thread(daemon.__exit__)

@@ -43,7 +43,10 @@ Key = tuple[str, str]  # (namespace, name)
 OnChange = Callable[[Obj | None, Obj | None], None]  # (old, new); None = absent
 
 BACKOFF_BASE_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 30.0
+# A watch the server ends sooner is a failure, backed off: resuming at once would spin
+# against a server that closes every watch (client-go's reflector has the same rule
+# for watches without events).
+MIN_WATCH_SECONDS = 1.0
 MAX_WATCH_LINE_BYTES = 4 * 1024 * 1024  # one event: a large object, never a stream
 
 
@@ -163,8 +166,8 @@ class Informer:
                 self._resource_version = None  # relist at once: the server is fine
             except _Silent:
                 self._restart("silent")
-                log.warning("%s informer: no event or bookmark for %.0f s; listing again",
-                            self.name, self._timeouts.watch_silence_seconds)
+                self._failed(ApiError(f"no event or bookmark for {self._timeouts.watch_silence_seconds:g} s"))
+                log.warning("%s informer: %s; listing again", self.name, self.last_error)
                 self._resource_version = None  # a relist proves the server answers
             except asyncio.CancelledError:
                 raise
@@ -175,7 +178,7 @@ class Informer:
                 # says nothing until its first event) and the diff catches what was missed.
                 self._resource_version = None
                 self._restart("error")
-                delay = self._rng.uniform(0, min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2**failures))
+                delay = self._rng.uniform(0, min(self._timeouts.backoff_max_seconds, BACKOFF_BASE_SECONDS * 2**failures))
                 log.warning("%s informer: %s; retrying in %.1f s", self.name, self.last_error, delay)
                 await asyncio.sleep(delay)
 
@@ -215,6 +218,7 @@ class Informer:
         log.info("%s informer: listed %d at resourceVersion %s", self.name, len(fresh), version)
 
     async def _watch(self) -> None:
+        started = time.monotonic()
         response = await self._list_call(
             watch=True,
             resource_version=self._resource_version,
@@ -231,15 +235,21 @@ class Informer:
                     raise _Expired()
                 raise ApiError(f"watch {self.name}: {_status_text(response.status, body, response.content_type)}",
                                status=response.status)
+            events = 0
             while True:
                 try:
                     line = await response.content.readuntil(b"\n", max_size=MAX_WATCH_LINE_BYTES)
                 except asyncio.TimeoutError:
                     raise _Silent() from None
                 if not line:
+                    lasted = time.monotonic() - started
+                    if lasted < MIN_WATCH_SECONDS:
+                        raise ApiError(f"watch {self.name}: the server ended the watch after {lasted:.2f} s "
+                                       f"({events} events)")
                     return  # the server ended the watch (timeoutSeconds): resume
                 if line.strip():
                     self._event(line)
+                    events += 1
         finally:
             response.close()
 

@@ -153,11 +153,11 @@ class KubernetesDirectory:
         key = (namespace, identity.pod_name)
         pod = self.pods.store.get(key)
         if pod is None:
-            remembered = self._remembered_absent(key)
-            if remembered is not None:
-                metrics.REFUSALS_REMEMBERED.labels(kind="pod_absent").inc()
-                raise remembered
-            pod = await self._wait_for_new_pod(key)
+            self._raise_if_remembered_absent(key)
+            pod = await self._wait_for_arrival(key)
+        if pod is None:
+            self._raise_if_remembered_absent(key)  # another request's read found it absent meanwhile
+            pod = await self._shared_read(key)
         where = f"pod {namespace}/{identity.pod_name}"
         if pod is None:
             raise self._remember_absent(key, IdentityNotAllowedError(
@@ -176,17 +176,18 @@ class KubernetesDirectory:
         if phase not in LIVE_PHASES:
             raise IdentityNotAllowedError(f"{where} is {phase}, no longer live", code="pod_not_live")
 
-    def _remembered_absent(self, key: Key) -> IdentityNotAllowedError | None:
+    def _raise_if_remembered_absent(self, key: Key) -> None:
         if not self.pods.healthy:
-            return None  # the informer may have missed the pod's arrival: read it again
+            return  # the informer may have missed the pod's arrival: read it again
         remembered = self._absent.get(key)
         if remembered is None:
-            return None
+            return
         until, refusal = remembered
         if time.monotonic() >= until:
             del self._absent[key]
-            return None
-        return refusal
+            return
+        metrics.REFUSALS_REMEMBERED.labels(kind="pod_absent").inc()
+        raise refusal.with_traceback(None)
 
     def _remember_absent(self, key: Key, refusal: IdentityNotAllowedError) -> IdentityNotAllowedError:
         self._absent[key] = (time.monotonic() + self._absent_pod_seconds, refusal)
@@ -195,19 +196,21 @@ class KubernetesDirectory:
             self._absent.popitem(last=False)
         return refusal
 
-    async def _wait_for_new_pod(self, key: Key) -> Obj | None:
-        """A starting pod may ask before the informer has it: wait briefly, then read it
-        once, one read shared by every request for that pod."""
+    async def _wait_for_arrival(self, key: Key) -> Obj | None:
+        """A starting pod may ask before the informer has it: wait for it briefly."""
         arrival = self._pod_arrivals.setdefault(key, asyncio.Event())
         try:
             async with asyncio.timeout(self._pod_wait):
                 await arrival.wait()
             return self.pods.store.get(key)
         except TimeoutError:
-            pass
+            return None
         finally:
             if self._pod_arrivals.get(key) is arrival and not arrival.is_set():
                 self._pod_arrivals.pop(key, None)
+
+    async def _shared_read(self, key: Key) -> Obj | None:
+        """One direct read of the pod, shared by every request for it meanwhile."""
         read = self._pod_reads.get(key)
         if read is None:
             read = asyncio.create_task(self._read_pod(key), name=f"read pod {key[0]}/{key[1]}")
@@ -301,6 +304,7 @@ class TokenReviewVerifier:
     def __init__(self, *, api: client.ApiClient, issuer: str | None, audience: str, clock: Clock, max_cached: int,
                  timeouts: ApiTimeouts, discover_issuer: Callable[[], Awaitable[str]] | None = None,
                  rejected_seconds: float = 30.0) -> None:
+        self._retry_max_seconds = timeouts.backoff_max_seconds
         self._auth = client.AuthenticationV1Api(api)
         self.issuer = issuer
         self._discover_issuer = discover_issuer
@@ -334,7 +338,7 @@ class TokenReviewVerifier:
             self._discovery_error = f"the service-account issuer is not known: {reason}"
 
         if self.issuer is None:
-            await retry_until_done(discover, on_failure=failed)
+            await retry_until_done(discover, on_failure=failed, max_delay_seconds=self._retry_max_seconds)
 
     async def verify(self, token: str) -> VerifiedToken:
         if not token.isascii():
