@@ -22,6 +22,7 @@ import yaml
 from daemon.__main__ import main
 from daemon.webhook import mutation
 from daemon.webhook.mutation import Outcome
+from tests.sync_loops import close_the_loop_made_for_a_sync_test  # noqa: F401 (autouse)
 from tests.webhook_cases import (
     CASE_IDS,
     CASES,

@@ -12,6 +12,7 @@ import pytest
 
 from daemon.webhook import mutation, patch
 from daemon.webhook.mutation import InjectionSettings, Outcome
+from tests.sync_loops import close_the_loop_made_for_a_sync_test  # noqa: F401 (autouse)
 from tests.webhook_cases import (
     CASE_IDS,
     CASES,

@@ -100,8 +100,8 @@ def inject(
         for account, obj in workloads.service_accounts(documents.plain(document.content),
                                                        default_namespace=default_namespace):
             known[account] = mutation.role_arn_of(obj, settings)
-    for account, role_arn in roles.items():
-        known[account] = (role_arn, f"--role {account[0]}/{account[1]}")
+    for account, given in roles.items():
+        known[account] = (given, f"--role {account[0]}/{account[1]}")
 
     reports: list[Report] = []
     for document in stream.documents:

@@ -11,6 +11,7 @@ pod templates of workloads in YAML files (`daemon/inject/`).
     accounts.py   does a ServiceAccount carry a role? (the API server, with a grace for new ones)
     tls.py        the serving certificate, reloaded when its files change
     admission.py  AdmissionReview v1 in, AdmissionReview v1 out
+    server.py     HTTP: POST /mutate, and /metrics, /healthz, /readyz
     metrics.py    the webhook's Prometheus metrics
     app.py        wiring: the HTTPS listener, the metrics listener, signals
 """

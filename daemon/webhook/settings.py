@@ -33,10 +33,7 @@ SERVICE_ACCOUNT_REQUEST_SECONDS = 2.0  # one read of a ServiceAccount
 ADMISSION_DEADLINE_SECONDS = 3.5
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # an AdmissionReview holds a whole pod (etcd caps objects at 1.5 MiB)
 TLS_RELOAD_INTERVAL_SECONDS = 10.0  # kubelet refreshes a mounted Secret within about a minute
-# On SIGTERM: /readyz says 503 at once, requests are still answered this long while the
-# Service drops this pod from its endpoints, then the process exits.
-DRAIN_SECONDS = 5.0
-SHUTDOWN_GRACE_SECONDS = 5.0
+SHUTDOWN_GRACE_SECONDS = 5.0  # for requests in flight when the listener closes
 
 
 def parse_token_expiration(text: str) -> int:
@@ -89,6 +86,10 @@ WEBHOOK_OPTIONS: tuple[Option, ...] = (
     Option("--tls-key", Path, None, "private key of the serving certificate (PEM)", metavar="FILE"),
     Option("--kubeconfig", Path, None, "API server access (default: in-cluster service account)", metavar="FILE"),
     Option("--metrics-listen", parse_address, "0.0.0.0:9464", "/metrics, /healthz and /readyz", metavar="HOST:PORT"),
+    # Until the Service drops a terminating pod from its endpoints, the API server still
+    # sends it requests; one that found nobody would create its pod without credentials.
+    Option("--drain", parse_duration, "5", "on SIGTERM, /readyz says 503 and requests are answered this long, "
+           "then the webhook stops", metavar="SECONDS"),
     *INJECTION_OPTIONS,
     Option("--log-level", parse_choice("debug", "info", "warning", "error"), "info", "log level"),
 )
@@ -103,8 +104,8 @@ class WebhookSettings:
     kubeconfig: Path | None
     injection: mutation.InjectionSettings
     log_level: str = "info"
+    drain_seconds: float
     tls_reload_interval_seconds: float = TLS_RELOAD_INTERVAL_SECONDS
-    drain_seconds: float = DRAIN_SECONDS
 
 
 def add_webhook_options(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +172,7 @@ def webhook_settings_from(args: argparse.Namespace, environ: Mapping[str, str] |
         kubeconfig=values["kubeconfig"],
         injection=injection_settings(values),
         log_level=values["log_level"],
+        drain_seconds=values["drain"],
     )
 
 
