@@ -345,3 +345,29 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], stdin: str, message: 
     assert result.stdout == "", "nothing half-written"
     (line,) = result.stderr.splitlines()
     assert line.startswith("irsa-cache: error: ") and message in line, line
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("a: 1\n", id="one document"),
+    pytest.param("---\na: 1\n...\n---\nb: 2\n", id="end markers"),
+    pytest.param("%YAML 1.2\n---\na: 1\n---\nb: 2\n", id="a directive"),
+    pytest.param("a: 0\n...\n%YAML 1.2\n---\na: 1\n", id="a directive after an end marker"),
+    pytest.param("# only a comment\n", id="comments only"),
+    pytest.param("--- {a: 1}\n--- [1, 2]\n", id="content on the marker line"),
+    pytest.param("a: |\n  text\n  --- indented, so no marker\nb: 2\n", id="a block scalar"),
+    pytest.param("# head\n---\n# about a\na: 1\n\n\n# tail\n", id="comments around"),
+])
+def test_streams_without_workloads_come_out_as_they_went_in(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> None:
+    status, out, err = run(tmp_path, capsys, text)
+    assert (status, out, err) == (0, text, "")
+
+
+def test_a_document_with_markers_and_a_directive_keeps_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pod = yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "shop"},
+                          "spec": {"serviceAccountName": "checkout", "containers": [{"name": "c", "image": "x"}]}})
+    text = f"%YAML 1.2\n---\n{pod}...\n"
+    status, out, _ = run(tmp_path, capsys, text, "--role", f"shop/checkout={ROLE}")
+    assert status == 0
+    assert out.startswith("%YAML 1.2\n---\n") and out.endswith("...\n")
+    assert mutation.TOKEN_FILE in out

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import io
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -356,3 +357,20 @@ def test_flags_come_from_the_environment_too(tmp_path: Path) -> None:
         "IRSA_CACHE_TLS_CERT": str(cert), "IRSA_CACHE_TLS_KEY": str(key), "IRSA_CACHE_AUDIENCE": "x.example"})
     assert parsed.tls_cert == cert and parsed.injection.audience == "x.example"
     assert str(parsed.listen) == "0.0.0.0:8443" and dataclasses.asdict(parsed)["drain_seconds"] == 5.0
+
+
+async def test_listens_on_ipv6(tmp_path: Path, ca: Authority, k8s: K8sApiDouble) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    k8s.create(account())
+    cert, key = install(issue(ca, names=("localhost", "::1")), tmp_path / "tls6")
+    config = settings.parse_webhook_args(
+        ["--listen", "[::1]:0", "--metrics-listen", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key),
+         "--kubeconfig", str(k8s.write_kubeconfig(tmp_path / "kubeconfig"))], environ={})
+    async with app.running(config) as webhook, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ca.client_context())) as https:
+        assert webhook.url.startswith("https://[::1]:")
+        assert "patch" in await review(https, webhook, admitted(template(container("app"))))

@@ -244,3 +244,8 @@ def test_difference_replaces_lists_whole_and_objects_key_by_key() -> None:
 def test_difference_of_equal_documents_is_empty_and_types_count() -> None:
     assert patch.difference({"a": [1, {"b": None}]}, {"a": [1, {"b": None}]}) == []
     assert patch.difference({"a": 1}, {"a": True}) == [patch.Operation(op="replace", path=("a",), value=True)]
+
+
+def test_a_pod_template_without_containers_is_unchanged_and_says_so() -> None:
+    result = mutation.mutate({"metadata": {}, "spec": {}}, namespace="shop", role_arn=ROLE, settings=SETTINGS)
+    assert result.outcome is Outcome.UNCHANGED and result.reason == "no container to point at irsa-cache"

@@ -88,20 +88,31 @@ def parse(text: str, *, source: str) -> Stream:
 
 
 def _chunks(text: str) -> Iterator[tuple[int, str]]:
+    """(first line, text) of each document; comments before a `---` form a chunk of
+    their own, directives (`%YAML`) go with the `---` they precede."""
     lines = text.splitlines(keepends=True)
     start = 0
-    content = False  # the current chunk has a line that is not a directive, comment or blank
+    content = False  # the current chunk has a line that is not a comment or blank
+    directives = False  # the current chunk opened with directives, waiting for their `---`
     for index, line in enumerate(lines):
-        starts = bool(_DOCUMENT_START.match(line)) or (line.startswith("%") and content)
-        if starts and index > start:
-            yield start + 1, "".join(lines[start:index])
-            start, content = index, False
+        if line.startswith("%"):
+            if not directives and (content or index > start):
+                yield start + 1, "".join(lines[start:index])
+                start, content = index, False
+            directives = True
+            continue
+        if _DOCUMENT_START.match(line):
+            if not directives and index > start:
+                yield start + 1, "".join(lines[start:index])
+                start = index
+            directives, content = False, bool(line[3:].strip()) and not line[3:].strip().startswith("#")
+            continue
         if _DOCUMENT_END.match(line):
             yield start + 1, "".join(lines[start:index + 1])
-            start, content = index + 1, False
+            start, content, directives = index + 1, False, False
             continue
         stripped = line.strip()
-        if stripped and not stripped.startswith("#") and not line.startswith("%"):
+        if stripped and not stripped.startswith("#"):
             content = True
     if start < len(lines):
         yield start + 1, "".join(lines[start:])
@@ -122,6 +133,11 @@ def _dump(content: Node, original: str) -> str:
     yaml.explicit_start = any(_DOCUMENT_START.match(line) for line in original.splitlines())
     yaml.explicit_end = any(_DOCUMENT_END.match(line) for line in original.splitlines())
     out = io.StringIO()
+    # Directives (%YAML, %TAG) lead their chunk; written back as they were.
+    for line in original.splitlines(keepends=True):
+        if not line.startswith("%"):
+            break
+        out.write(line)
     yaml.dump(content, out)
     return out.getvalue()
 

@@ -198,7 +198,8 @@ def mutate(
             _point_at_cache(container)
             injected.append(name)
     if not injected:
-        reason = "no container to point at irsa-cache: " + "; ".join(f"{n} {w}" for n, w in left_alone)
+        reason = "no container to point at irsa-cache" + (
+            ": " + "; ".join(f"{n} {w}" for n, w in left_alone) if left_alone else "")
         return Mutation(pod=dict(pod), outcome=Outcome.UNCHANGED, reason=reason, left_alone=tuple(left_alone))
 
     spec["volumes"] = _with_token_volume(spec.get("volumes") or [], settings)
