@@ -374,3 +374,21 @@ async def test_listens_on_ipv6(tmp_path: Path, ca: Authority, k8s: K8sApiDouble)
             connector=aiohttp.TCPConnector(ssl=ca.client_context())) as https:
         assert webhook.url.startswith("https://[::1]:")
         assert "patch" in await review(https, webhook, admitted(template(container("app"))))
+
+
+async def test_a_failure_inside_the_webhook_is_a_counted_500(
+    tmp_path: Path, ca: Authority, k8s: K8sApiDouble, https: aiohttp.ClientSession
+) -> None:
+    class Broken:
+        async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+            raise RuntimeError("a bug")
+
+    async with app.running(webhook_settings(tmp_path, ca, k8s), accounts=Broken()) as webhook:
+        before = count(Outcome.ERROR)
+        async with https.post(webhook.url, json=admission_review(admitted(template(container("app"))))) as response:
+            assert response.status == 500
+            assert (await response.json())["code"] == "internal_error"
+        assert count(Outcome.ERROR) == before + 1
+        async with https.post(webhook.url, json=admission_review(admitted(template(container("app")),
+                                                                          "irsa-cache"), "irsa-cache")) as response:
+            assert response.status == 200, "and it goes on answering"

@@ -47,6 +47,10 @@ def create_app(*, reviewer: Reviewer) -> web.Application:
         except web.HTTPException:  # aiohttp's own: a body over the size limit (413)
             metrics.MUTATIONS.labels(outcome=Outcome.ERROR.value).inc()
             raise
+        except Exception:  # a bug: counted and logged; the API server applies failurePolicy
+            metrics.MUTATIONS.labels(outcome=Outcome.ERROR.value).inc()
+            log.exception("unhandled error answering an AdmissionReview")
+            return web.json_response({"code": "internal_error", "message": "see the webhook's log"}, status=500)
         finally:
             metrics.REQUEST_DURATION.observe(time.perf_counter() - started)
         metrics.MUTATIONS.labels(outcome=result.outcome.value).inc()
