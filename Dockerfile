@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# irsa-cache, the image deploy/daemonset.yaml runs:
+# irsa-cache, the image deploy/base/daemonset.yaml runs:
 #   docker build -t irsa-cache:0.1.0 .
 #
 # Two stages. The builder makes a self-contained venv at /opt/irsa-cache: the
@@ -48,7 +48,7 @@ LABEL org.opencontainers.image.title="irsa-cache" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # The base image's pip, setuptools and wheel are build tools the daemon never uses.
-# A fixed numeric user (65532, as distroless uses) that deploy/daemonset.yaml names.
+# A fixed numeric user (65532, as distroless uses) that deploy/base/daemonset.yaml names.
 RUN python -m pip uninstall --no-cache-dir --yes pip setuptools wheel \
  && groupadd --system --gid 65532 irsa-cache \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \

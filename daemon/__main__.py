@@ -1,5 +1,7 @@
 """The `irsa-cache` command: `serve` runs the daemon, `init-network` puts its link-local
-addresses on the node (the DaemonSet's init container), `demo` shows it working end to end."""
+addresses on the node (the DaemonSet's init container), `webhook` points opted-in pods at
+it as they are created, `inject` does the same to workload YAML, `demo` shows it working
+end to end."""
 
 from __future__ import annotations
 
@@ -24,6 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=netsetup.__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     netsetup.add_arguments(init_network)
+    webhook = commands.add_parser(
+        "webhook", help="mutating admission webhook: point opted-in pods at the node's irsa-cache (HTTPS)",
+    )
+    from daemon.webhook import settings as webhook_settings
+
+    webhook_settings.add_webhook_options(webhook)
+    from daemon import inject as inject_module
+
+    inject = commands.add_parser(
+        "inject", help="point the pods of workloads in Kubernetes YAML at irsa-cache, offline (stdout)",
+        description=inject_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inject_module.add_arguments(inject)
     demo = commands.add_parser(
         "demo", help="run an embedded issuer, STS (moto) and daemon, and start simulated pods against it"
     )
@@ -37,6 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init-network":
         return netsetup.main(args)
+    if args.command == "webhook":
+        from daemon.webhook import app as webhook_app
+
+        return webhook_app.main(args)
+    if args.command == "inject":
+        from daemon import inject
+
+        return inject.main(args)
     if args.command == "demo":
         from daemon import demo
 

