@@ -1,5 +1,6 @@
 """The `irsa-cache` command: `serve` runs the daemon, `init-network` puts its link-local
-addresses on the node (the DaemonSet's init container), `demo` shows it working end to end."""
+addresses on the node (the DaemonSet's init container), `demo` shows it working end to end,
+`doctor` names the broken link when a pod gets no credentials."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon import demo as demo_module  # imports moto and boto3: only for this command
 
     demo_module.add_arguments(demo)
+    from daemon.doctor import cli as doctor_cli
+
+    doctor = commands.add_parser(
+        "doctor", help="check each link of IRSA (token, OIDC provider, trust policy, ServiceAccount, pod, STS) "
+        "and name the broken one with its fix", description=doctor_cli.DESCRIPTION,
+    )
+    doctor_cli.add_arguments(doctor)
     return parser
 
 
@@ -41,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon import demo
 
         return demo.main(args)
+    if args.command == "doctor":
+        from daemon.doctor import cli as doctor_cli
+
+        return doctor_cli.main(args)
     try:
         settings = config.settings_from(args)
         logs.configure(settings.log_level)
