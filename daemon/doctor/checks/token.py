@@ -73,7 +73,7 @@ def check_signature(facts: Facts) -> Finding:
         return missing
     if facts.key_set is None:
         return skipped("not checked: no key set given (--jwks FILE, or --live)")
-    if facts.signature is None:
+    if facts.signature is None or not facts.key_set.usable:
         return skipped("not checked: the key set is unusable (see token.key-set)")
     signature = facts.signature
     if signature.verified:
