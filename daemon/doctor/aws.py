@@ -11,7 +11,6 @@ credentials STS returns are never printed and are dropped at once.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from aiobotocore.session import AioSession, get_session
@@ -22,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from daemon.doctor import issuers
 from daemon.doctor.checks.sts import StsAnswer
 from daemon.doctor.inputs import Role, providers_of
-from daemon.doctor.model import Finding, InputError, failed, passed, warned
+from daemon.doctor.model import Finding, InputError, Read, failed, passed, warned
 
 CALL_TIMEOUT_SECONDS = 15.0
 DOCTOR_SESSION_SECONDS = 900  # STS's shortest session: doctor drops the credentials anyway
@@ -31,12 +30,6 @@ IAM_SIGNING_REGION = "us-east-1"  # IAM is global; its endpoint signs in us-east
 
 def _config(**extra: Any) -> Config:
     return Config(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 2}, **extra)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Read:
-    value: Any
-    finding: Finding
 
 
 def _iam_failure(exc: Exception, permission: str, what: str) -> Finding:

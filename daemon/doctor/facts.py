@@ -25,6 +25,7 @@ from daemon.directory.kubernetes import SUBJECT
 from daemon.doctor import issuers, policy
 from daemon.doctor.inputs import DEFAULT_AUDIENCE, Inputs, Obj
 from daemon.doctor.issuers import Provider
+from daemon.doctor.policy import Decision, Policy, Request
 from daemon.errors import TokenError
 
 WEB_IDENTITY_ACTION = "sts:AssumeRoleWithWebIdentity"
@@ -179,10 +180,10 @@ class Facts:
     role_arn: Sourced | None
     provider: Provider | None  # the registered provider STS would pick for the issuer
     provider_arn: str | None  # that provider's ARN, or the ARN it would have
-    policy: policy.Policy | None
+    policy: Policy | None
     policy_problem: str | None
-    request: policy.Request | None
-    decision: policy.Decision | None
+    request: Request | None
+    decision: Decision | None
     live: Any = None  # live.LiveResults when run with --live
 
     @property
@@ -261,7 +262,7 @@ def _role_arn(inputs: Inputs) -> Sourced | None:
 
 
 def _provider_arn(inputs: Inputs, issuer: Sourced | None, provider: Provider | None,
-                  role_arn: Sourced | None, document: policy.Policy | None) -> str | None:
+                  role_arn: Sourced | None, document: Policy | None) -> str | None:
     if provider is not None and provider.arn.startswith("arn:"):
         return provider.arn
     if issuer is None:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,21 +23,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from daemon.directory.kubernetes import ApiServerKeySource
-from daemon.doctor.model import Finding, InputError, failed, passed, warned
+from daemon.doctor.model import Finding, InputError, Read, failed, passed, warned
 
 CALL_TIMEOUT_SECONDS = 10.0
 TOKEN_SECONDS = 600  # the shortest token the API server mints: doctor needs it once
 
 T = TypeVar("T")
 Obj = dict[str, Any]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Read:
-    """What a live read gave (None when it failed) and the finding that reports it."""
-
-    value: Any
-    finding: Finding
 
 
 @contextlib.asynccontextmanager
@@ -52,11 +43,11 @@ async def connect(kubeconfig: Path | None, context: str | None) -> AsyncIterator
         if kubeconfig is not None or context is not None:
             raise InputError(f"--kubeconfig {kubeconfig or '(default)'}: cannot load: {exc}") from None
         try:
-            kube_config.load_incluster_config(client_configuration=configuration)
+            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except ConfigException:
             raise InputError(f"no kubeconfig to load ({exc}); give --kubeconfig, or set KUBECONFIG") from None
     async with client.ApiClient(configuration) as api:
-        yield Cluster(api, configuration.host)
+        yield Cluster(api, configuration.host or "(no server)")
 
 
 class Cluster:
@@ -143,7 +134,7 @@ class Cluster:
         what = f"a token for {namespace}/{name}"
         try:
             answer = await self._get(self._core.create_namespaced_service_account_token(
-                name, namespace, body, _preload_content=False))
+                name, namespace, body, _preload_content=False))  # type: ignore[arg-type]  # a dict body is sent as is
             token = answer["status"]["token"]
         except ApiException as exc:
             if exc.status in (400, 409, 422):

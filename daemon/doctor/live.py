@@ -96,8 +96,8 @@ async def fetch(options: Options, given: Inputs) -> tuple[Inputs, LiveResults]:
     token = read_token(inputs.token) if inputs.token is not None else None
     subject = token.claim("sub") if token and token.problem is None else None
     issuer = token.claim("iss") if token and token.problem is None else inputs.cluster_issuer
-    region = inputs.region or (issuers.eks_parts(issuer)[0] if isinstance(issuer, str) and issuers.eks_parts(issuer)
-                               else None)
+    eks = issuers.eks_parts(issuer) if isinstance(issuer, str) else None
+    region = inputs.region or (eks[0] if eks else None)
     if token is None or not isinstance(subject, str):
         skip = "no usable token to present (give --token, or --live with --pod-name / --service-account-name)"
     elif not role_arn or issuers.role_parts(role_arn) is None:

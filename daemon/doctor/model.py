@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from daemon.doctor.facts import Facts
@@ -70,6 +70,14 @@ def failed(message: str, fix: str) -> Finding:
 
 def skipped(message: str) -> Finding:
     return Finding(status=Status.SKIP, message=message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Read:
+    """A live read (--live): what it gave, None when it failed, and the finding that reports it."""
+
+    value: Any
+    finding: Finding
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -65,6 +65,15 @@ def all_of(truths: Iterable[Truth]) -> Truth:
     return result
 
 
+class Unknown(enum.Enum):
+    """A key present in the request whose value doctor cannot know."""
+
+    VALUE = "unknown value"
+
+
+UNKNOWN = Unknown.VALUE
+
+
 class Effect(enum.Enum):
     ALLOW = "allow"
     EXPLICIT_DENY = "explicit deny"
@@ -229,15 +238,15 @@ class Context:
         object.__setattr__(self, "absent_prefixes", tuple(p.lower() for p in self.absent_prefixes))
         object.__setattr__(self, "unknown_prefixes", tuple(p.lower() for p in self.unknown_prefixes))
 
-    def lookup(self, key: str) -> tuple[str, ...] | None | Truth:
-        """The key's values, None when absent, Truth.UNKNOWN when present with an unknown value."""
+    def lookup(self, key: str) -> tuple[str, ...] | None | Unknown:
+        """The key's values, None when absent, UNKNOWN when present with an unknown value."""
         lowered = key.lower()
         if lowered in self.values:
             return self.values[lowered]
         if any(lowered.startswith(prefix) for prefix in self.absent_prefixes):
             return None
         if any(lowered.startswith(prefix) for prefix in self.unknown_prefixes):
-            return Truth.UNKNOWN
+            return UNKNOWN
         return None
 
     def with_value(self, key: str, *values: str) -> Context:
@@ -369,7 +378,7 @@ _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 _ESCAPES = {"*": "*", "?": "?", "$": "$"}
 
 
-def expand(value: str, context: Context) -> tuple[str, str] | None | Truth:
+def expand(value: str, context: Context) -> tuple[str, str] | None | Unknown:
     """Policy variables in `value`: (text, literal mask), None if a variable is absent
     without a default (the value then matches nothing), UNKNOWN if one is unknown."""
     text: list[str] = []
@@ -387,8 +396,8 @@ def expand(value: str, context: Context) -> tuple[str, str] | None | Truth:
             mask.append("1")
             continue
         resolved = context.lookup(name)
-        if resolved is Truth.UNKNOWN:
-            return Truth.UNKNOWN
+        if resolved is UNKNOWN:
+            return UNKNOWN
         if not resolved:
             stripped = default.strip()
             if not stripped:
@@ -424,7 +433,7 @@ def evaluate_condition(condition: Condition, context: Context, *, version: str |
                 matched: tuple[str, ...] = ()) -> ConditionOutcome:
         return ConditionOutcome(condition=condition, truth=truth, found=values, matched=matched, why=why)
 
-    if found is Truth.UNKNOWN:
+    if found is UNKNOWN:
         if condition.base == "Null":  # present, whatever its value: Null can answer
             return outcome(Truth.of(condition.values[0].lower() == "false"), f"{key} is present in the request")
         return outcome(Truth.UNKNOWN, f"doctor cannot know the value of {key} in the real request")
@@ -451,12 +460,11 @@ def evaluate_condition(condition: Condition, context: Context, *, version: str |
     for wanted in condition.values:
         if operator.variables and version == VARIABLES_VERSION and "${" in wanted:
             expanded = expand(wanted, context)
-            if expanded is Truth.UNKNOWN:
+            if expanded is UNKNOWN:
                 return outcome(Truth.UNKNOWN, f"{wanted!r} names a variable doctor cannot know", values)
             if expanded is None:
                 continue  # an absent variable without a default matches nothing
-            assert isinstance(expanded, tuple)
-            patterns.append((wanted, *expanded))
+            patterns.append((wanted, expanded[0], expanded[1]))
         else:
             patterns.append((wanted, wanted, ""))
 

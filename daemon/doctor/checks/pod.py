@@ -36,7 +36,8 @@ Obj = dict[str, Any]
 
 def containers(pod: Obj) -> list[Obj]:
     spec = pod.get("spec") or {}
-    return [c for c in (spec.get("initContainers") or []) + (spec.get("containers") or []) if isinstance(c, Mapping)]
+    return [dict(c) for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])
+            if isinstance(c, Mapping)]
 
 
 def environment(container: Obj) -> dict[str, str | None]:
@@ -138,11 +139,12 @@ def check_credentials_uri(facts: Facts) -> Finding:
     worst: tuple[str, str] | None = None
     for name, env in users:
         uri = env[FULL_URI]
+        problem: tuple[str, str] | None
         if uri is None:
             problem = ("warn", f"container {name}: {FULL_URI} comes from valueFrom, doctor cannot see it")
         else:
-            found = _uri_problem(uri, env)
-            problem = (found[0], f"container {name}: {found[1]}") if found else None
+            trouble = _uri_problem(uri, env)
+            problem = (trouble[0], f"container {name}: {trouble[1]}") if trouble else None
         if problem and (worst is None or (problem[0] == "fail" and worst[0] != "fail")):
             worst = problem
     if worst is not None:
