@@ -22,7 +22,6 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from daemon.directory.kubernetes import ApiServerKeySource
 from daemon.doctor.model import Finding, InputError, Read, failed, passed, warned
 
 CALL_TIMEOUT_SECONDS = 10.0
@@ -53,7 +52,8 @@ async def connect(kubeconfig: Path | None, context: str | None) -> AsyncIterator
 class Cluster:
     def __init__(self, api: client.ApiClient, host: str) -> None:
         self._core = client.CoreV1Api(api)
-        self._keys = ApiServerKeySource(api)
+        self._well_known = client.WellKnownApi(api)
+        self._openid = client.OpenidApi(api)
         self.host = host
 
     async def _call(self, call: Awaitable[T]) -> T:
@@ -105,18 +105,21 @@ class Cluster:
         return Read(value=account, finding=passed(f"read {what}"))
 
     async def discovery(self) -> Read:
-        """(issuer, key set) from the API server's discovery endpoints, as the daemon reads them."""
+        """(issuer, key set) from the endpoints the daemon reads them from: the discovery
+        document and /openid/v1/jwks (raw bodies: preloaded, the client returns str() of a dict)."""
         try:
-            issuer = await self._call(self._keys.issuer())
-            key_set = await self._call(self._keys.fetch())
-        except (ApiException, aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
-            if isinstance(exc, (ValueError, KeyError)):
-                return Read(value=None, finding=warned(
-                    f"the API server's discovery document is not usable: {exc}",
-                    "check the API server's --service-account-issuer and --service-account-jwks-uri"))
+            document = await self._get(
+                self._well_known.get_service_account_issuer_open_id_configuration(_preload_content=False))
+            key_set = await self._get(self._openid.get_service_account_issuer_open_id_keyset(_preload_content=False))
+        except (ApiException, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             return Read(value=None, finding=self._failure(
                 exc, "the issuer discovery document", "get /.well-known/openid-configuration and /openid/v1/jwks",
-                missing="the API server serves no issuer discovery: set --service-account-issuer"))
+                missing="the API server serves no issuer discovery: set its --service-account-issuer"))
+        issuer = document.get("issuer") if isinstance(document, dict) else None
+        if not isinstance(issuer, str) or not isinstance(key_set, dict):
+            return Read(value=None, finding=warned(
+                "the API server's discovery document has no issuer, or its key set is not a JSON object",
+                "check the API server's --service-account-issuer and --service-account-jwks-uri"))
         return Read(value=(issuer, key_set), finding=passed(
             f"read the cluster's issuer {issuer} and {len(key_set.get('keys') or [])} key(s) from {self.host}"))
 
