@@ -18,13 +18,14 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
+from daemon import config
 from daemon.doctor import issuers
 from daemon.doctor.checks.sts import StsAnswer
 from daemon.doctor.inputs import Role, providers_of
 from daemon.doctor.model import Finding, InputError, Read, failed, passed, warned
 
 CALL_TIMEOUT_SECONDS = 15.0
-DOCTOR_SESSION_SECONDS = 900  # STS's shortest session: doctor drops the credentials anyway
+DOCTOR_SESSION_SECONDS = config.STS_MIN_SESSION_SECONDS  # the shortest: doctor drops the credentials anyway
 IAM_SIGNING_REGION = "us-east-1"  # IAM is global; its endpoint signs in us-east-1
 
 

@@ -29,6 +29,7 @@ from daemon.doctor.model import InputError
 
 DEFAULT_AUDIENCE = "sts.amazonaws.com"
 DEFAULT_ANNOTATION_PREFIX = "eks.amazonaws.com"
+MIN_TOKEN_SECONDS = 600  # the API server mints no shorter token (TokenRequest, projected volumes)
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob",
                             "ReplicationController"})
 

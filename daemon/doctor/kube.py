@@ -22,10 +22,11 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from daemon.doctor.inputs import MIN_TOKEN_SECONDS
 from daemon.doctor.model import Finding, InputError, Read, failed, passed, warned
 
 CALL_TIMEOUT_SECONDS = 10.0
-TOKEN_SECONDS = 600  # the shortest token the API server mints: doctor needs it once
+TOKEN_SECONDS = MIN_TOKEN_SECONDS  # the shortest token the API server mints: doctor needs it once
 
 T = TypeVar("T")
 Obj = dict[str, Any]

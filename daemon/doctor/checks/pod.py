@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from daemon.doctor.facts import Facts, account_of_subject, pod_account
+from daemon.doctor.inputs import MIN_TOKEN_SECONDS
 from daemon.doctor.model import Check, Finding, Link, failed, passed, skipped, warned
 from daemon.server import CREDENTIALS_PATH
 
@@ -27,7 +28,6 @@ TOKEN_VALUE = "AWS_CONTAINER_AUTHORIZATION_TOKEN"
 WEB_IDENTITY = ("AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
 PLAIN_HTTP_HOSTS = frozenset({"169.254.170.23", "169.254.170.2", "localhost"})
 JAVA_IPV6_HOST = "fd00:ec2::23"
-MIN_TOKEN_SECONDS = 600  # the API server's own floor for expirationSeconds
 DEFAULT_TOKEN_SECONDS = 3600
 DAEMON_URL = f"http://169.254.170.23{CREDENTIALS_PATH}"
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 
+from daemon import config
 from daemon.doctor import issuers, policy
 from daemon.doctor.facts import WEB_IDENTITY_ACTION, Facts, subject_of_account
 from daemon.doctor.model import Check, Finding, Link, failed, passed, skipped, warned
 from daemon.doctor.policy import ConditionOutcome, Effect, StatementOutcome, Truth
 
-DAEMON_SESSION_SECONDS = 3600  # irsa-cache serve --session-duration default
+# What `irsa-cache serve` asks STS for unless told otherwise (--session-duration).
+DAEMON_SESSION_SECONDS = int(config.parse_duration(
+    next(option.default for option in config.SERVE_OPTIONS if option.flag == "--session-duration") or "3600"))
 LITERAL_OPERATORS = frozenset({"StringEquals", "StringNotEquals", "StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase"})
 PROBE_SUBJECT = subject_of_account("doctor-probe-namespace", "doctor-probe-account")
 CLAIM_KEYS = frozenset({"sub", "aud", "amr", "azp", "oaud", "email"})
