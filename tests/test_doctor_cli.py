@@ -63,6 +63,25 @@ def test_a_token_that_is_not_a_jwt_is_a_failed_check_not_an_input_error(tmp_path
     assert "✗ token" in done.stdout and "token.jwt" in done.stdout
 
 
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00", b"", b"a.b.c"], ids=["binary", "empty", "three-dots"])
+async def test_a_token_file_of_anything_else_fails_token_jwt(tmp_path: Path, content: bytes) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(content)
+    status, out, _ = await run("--token", str(token), "--json")
+    report = json.loads(out)
+    assert status == 1
+    assert [c["id"] for c in report["checks"] if c["status"] == "fail"] == ["token.jwt"]
+
+
+async def test_a_token_longer_than_sts_takes(tmp_path: Path) -> None:
+    key = Issuer()
+    token = tmp_path / "token"
+    token.write_text(key.mint("system:serviceaccount:team-a:app", padding="x" * 20_000))
+    status, out, _ = await run("--token", str(token), "--json")
+    failed = {c["id"]: c for c in json.loads(out)["checks"] if c["status"] == "fail"}
+    assert list(failed) == ["token.jwt"] and "at most 20000" in failed["token.jwt"]["message"]
+
+
 async def test_live_targets_need_live() -> None:
     assert await run("--pod-name", "team-a/app") == (
         2, "", "irsa-cache doctor: error: --pod-name and --service-account-name need --live")

@@ -86,7 +86,16 @@ def _parse(text: str, path: Path, flag: str, *, yaml_too: bool) -> Any:
 
 
 def read_token(path: Path) -> str:
-    return _read(path, "--token")
+    """The token file as the SDKs read it; bytes that are not text make it "not a JWT"
+    (a failed check), not an unreadable input."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise InputError(f"--token {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"--token {path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise InputError(f"--token {path}: cannot be read: {exc}") from None
 
 
 def read_key_set(path: Path) -> Any:

@@ -277,7 +277,7 @@ def check_token_expiration(facts: Facts) -> Finding:
 
 def check_token_newline(facts: Facts) -> Finding:
     token = facts.token
-    if token is not None and facts.inputs.token_source == "--token":
+    if token is not None and token.problem is None and facts.inputs.token_source == "--token":
         if token.line_break:
             return failed(f"the token file {facts.inputs.token_source} holds a line break (CR or LF): botocore and "
                           "the JS SDK refuse such a token, so the pod gets no credentials",
@@ -289,7 +289,7 @@ def check_token_newline(facts: Facts) -> Finding:
             if mount is not None and mount.kind in ("secret", "configMap"):
                 return warned(f"container {name} reads {path} from a {mount.kind}: a token written there by hand "
                               "often ends with a newline, which the SDKs refuse", _projection_fix(facts))
-    if token is not None and facts.inputs.token_source == "--token":
+    if token is not None and token.problem is None and facts.inputs.token_source == "--token":
         return passed("the token file has no line break")
     if pod is not None:
         return passed("the kubelet writes projected tokens without a newline")

@@ -50,6 +50,10 @@ def check_jwt(facts: Facts) -> Finding:
             "give the service-account token itself: the file AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE names in the pod, "
             f"or one minted for a test: kubectl create token <serviceaccount> -n <namespace> --audience {facts.audience}",
         )
+    if len(token.text) > config.MAX_TOKEN_CHARS:
+        return failed(f"the token has {len(token.text)} characters: STS and the daemon take at most "
+                      f"{config.MAX_TOKEN_CHARS}", "give the projected service-account token (about a thousand "
+                      "characters), not another file")
     header = token.header or {}
     return passed(f"a JWT signed with {header.get('alg')} (kid {header.get('kid')!r}) from {facts.inputs.token_source}")
 
@@ -197,7 +201,8 @@ def check_subject(facts: Facts) -> Finding:
 
 CHECKS = (
     Check(id="token.jwt", link=Link.TOKEN, run=check_jwt,
-          catches="the token is not a JWT (empty, truncated, an access token or another file)"),
+          catches="the token is not a JWT (empty, truncated, an access token or another file), or is longer "
+                  "than STS's 20,000 characters"),
     Check(id="token.key-set", link=Link.TOKEN, run=check_key_set,
           catches="the key set is not a JWKS or holds no key the daemon trusts (HMAC, encryption keys, unknown types)"),
     Check(id="token.signature", link=Link.TOKEN, run=check_signature,
