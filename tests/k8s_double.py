@@ -533,7 +533,6 @@ class K8sApiDouble:
         self._history: list[Change] = []
         self._open: list[_OpenWatch] = []
         self._unavailable = False
-        self._last_token_spec: Obj = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.url = ""
@@ -859,11 +858,7 @@ class K8sApiDouble:
         if route.kind == "tokenreviews":
             return await self._token_review(request)
         if route.kind == "token":
-            response = await self._token_request(request, route)
-            assert route.namespace is not None and route.name is not None
-            self.token_requests.append(TokenRequestCall(route.namespace, route.name, self._last_token_spec,
-                                                        response.status))
-            return response
+            return await self._token_request(request, route)
         if route.kind == "discovery":
             return json_response(self.discovery_document(), headers={"Cache-Control": CACHE_CONTROL})
         if route.kind == "jwks":
@@ -1007,13 +1002,16 @@ class K8sApiDouble:
 
     async def _token_request(self, request: web.Request, route: _Route) -> web.Response:
         assert route.namespace is not None and route.name is not None
-        namespace, name = route.namespace, route.name
         try:
             body = await request.json()
         except ValueError:
             return status_response(400, "BadRequest", "the body of the request was in an unknown format")
         spec = dict((body or {}).get("spec") or {})
-        self._last_token_spec = spec
+        answer = self._answer_token_request(route.namespace, route.name, spec)
+        self.token_requests.append(TokenRequestCall(route.namespace, route.name, spec, answer.status))
+        return answer
+
+    def _answer_token_request(self, namespace: str, name: str, spec: Obj) -> web.Response:
         account = self._objects.get(("serviceaccounts", namespace, name))
         if account is None:
             return status_response(404, "NotFound", f'serviceaccounts "{name}" not found',
