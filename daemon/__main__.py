@@ -1,7 +1,7 @@
 """The `irsa-cache` command: `serve` runs the daemon, `init-network` puts its link-local
 addresses on the node (the DaemonSet's init container), `webhook` points opted-in pods at
-it as they are created, `inject` does the same to workload YAML, `demo` shows it working
-end to end."""
+it as they are created, `inject` does the same to workload YAML, `doctor` names the broken
+link when a pod gets no credentials, `demo` shows it working end to end."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon import demo as demo_module  # imports moto and boto3: only for this command
 
     demo_module.add_arguments(demo)
+    from daemon.doctor import cli as doctor_cli
+
+    doctor = commands.add_parser(
+        "doctor", help="check each link of IRSA (token, OIDC provider, trust policy, ServiceAccount, pod, STS) "
+        "and name the broken one with its fix", description=doctor_cli.DESCRIPTION,
+    )
+    doctor_cli.add_arguments(doctor)
     return parser
 
 
@@ -64,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon import demo
 
         return demo.main(args)
+    if args.command == "doctor":
+        from daemon.doctor import cli as doctor_cli
+
+        return doctor_cli.main(args)
     try:
         settings = config.settings_from(args)
         logs.configure(settings.log_level)

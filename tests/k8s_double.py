@@ -24,6 +24,10 @@ for the client; `await double.stop()` at the end.
   watch asked for), `token_review_requests`.
 - identity: `rotate_keys(jwks)`; `token_reviews` maps tokens to `TokenIdentity`
   (see `identity_for`), or is a callable returning the TokenReview status verbatim.
+- tokens: with `minter=` (an object with `mint(subject, *, audience, lifetime_seconds,
+  issuer, **claims)`, such as `daemon.embedded.Issuer`), TokenRequest
+  (`POST .../serviceaccounts/NAME/token`) mints tokens of `issuer`, and TokenReview
+  then knows them; `token_requests` records each request.
 
 What the double copies from the real API server, and where that was read:
 
@@ -80,6 +84,19 @@ What the double copies from the real API server, and where that was read:
   not authenticated (`validate_bound_objects`); error strings are close, not exact.
   https://kubernetes.io/docs/reference/kubernetes-api/authentication-resources/token-review-v1/
   (extra keys: `staging/src/k8s.io/apiserver/pkg/authentication/serviceaccount/util.go`).
+- TokenRequest (`authentication.k8s.io/v1`, the `token` subresource of a
+  ServiceAccount): 201 Created, the request echoed with `spec.audiences` defaulted to the
+  API audiences and `status` {`token`, `expirationTimestamp`}; `expirationSeconds`
+  defaults to 3600 and under 600 is 422 Invalid ("may not specify a duration less than
+  10 minutes"); a `boundObjectRef` to a Pod needs the pod (404), its uid if given (409
+  "the UID in the bound object reference (X) does not match the UID in record. The
+  object might have been deleted and then recreated") and the same ServiceAccount (400
+  "cannot bind token for serviceaccount \"NAME\" to pod running with different
+  serviceaccount name."); other kinds than Pod are 400 here (the real server also binds
+  Secrets and Nodes). The token carries `kubernetes.io` {namespace, serviceaccount
+  {name, uid}, pod {name, uid}} (`pkg/registry/core/serviceaccount/storage/token.go`,
+  `pkg/serviceaccount/claims.go`).
+  https://kubernetes.io/docs/reference/kubernetes-api/authentication-resources/token-request-v1/
 - Errors are `Status` objects (`kind: Status, status: Failure, reason, code`), e.g. 404
   `pods "x" not found` with details {name, kind}.
 
@@ -370,6 +387,14 @@ class TokenReviewCall:
 
 
 @dataclass(frozen=True)
+class TokenRequestCall:
+    namespace: str
+    service_account: str
+    spec: Obj
+    status: int
+
+
+@dataclass(frozen=True)
 class TokenIdentity:
     """What the API server would find in a bound service-account token."""
 
@@ -469,7 +494,7 @@ class _OpenWatch:
 
 @dataclass(frozen=True)
 class _Route:
-    kind: Literal["collection", "object", "discovery", "jwks", "tokenreviews", "unknown"]
+    kind: Literal["collection", "object", "discovery", "jwks", "tokenreviews", "token", "unknown"]
     resource: str = ""
     namespace: str | None = None
     name: str | None = None
@@ -488,6 +513,8 @@ def parse_route(path: str) -> _Route:
     rest = parts[2:]
     if len(rest) == 1 and rest[0] in KINDS:
         return _Route("collection", rest[0])
+    if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "serviceaccounts" and rest[4] == "token" and rest[3]:
+        return _Route("token", "serviceaccounts", rest[1], rest[3])
     if len(rest) in (3, 4) and rest[0] == "namespaces" and rest[2] in KINDS and rest[1]:
         if len(rest) == 3:
             return _Route("collection", rest[2], rest[1])
@@ -521,6 +548,7 @@ class K8sApiDouble:
         token: str | None = DEFAULT_TOKEN,
         token_reviews: Mapping[str, TokenIdentity] | TokenReviewer | None = None,
         api_audiences: tuple[str, ...] | None = None,
+        minter: Any = None,
         history_size: int | None = None,
         max_watch_seconds: float = 60.0,
         bookmark_interval: float | None = None,
@@ -534,6 +562,7 @@ class K8sApiDouble:
             token_reviews if callable(token_reviews) else dict(token_reviews or {})
         )
         self.api_audiences = api_audiences if api_audiences is not None else (issuer,)
+        self.minter = minter
         self.validate_bound_objects = True
         self.history_size = history_size
         self.max_watch_seconds = max_watch_seconds
@@ -544,6 +573,7 @@ class K8sApiDouble:
         self.calls: list[Call] = []
         self.watches: list[WatchCall] = []
         self.token_review_requests: list[TokenReviewCall] = []
+        self.token_requests: list[TokenRequestCall] = []
 
         self._rv = initial_resource_version
         self._compacted = initial_resource_version
@@ -875,11 +905,13 @@ class K8sApiDouble:
         query: dict[str, str] = request[CALL_KEY].query
         if route.kind == "unknown":
             return status_response(404, "NotFound", "the server could not find the requested resource", {})
-        if request.method != ("POST" if route.kind == "tokenreviews" else "GET"):
+        if request.method != ("POST" if route.kind in ("tokenreviews", "token") else "GET"):
             return status_response(405, "MethodNotAllowed",
                                    "the server does not allow this method on the requested resource")
         if route.kind == "tokenreviews":
             return await self._token_review(request)
+        if route.kind == "token":
+            return await self._token_request(request, route)
         if route.kind == "discovery":
             return json_response(self.discovery_document(), headers={"Cache-Control": CACHE_CONTROL})
         if route.kind == "jwks":
@@ -1019,6 +1051,67 @@ class K8sApiDouble:
             "status": self.review(token, audiences),
         }
         return json_response(review, status=201)
+
+
+    async def _token_request(self, request: web.Request, route: _Route) -> web.Response:
+        assert route.namespace is not None and route.name is not None
+        try:
+            body = await request.json()
+        except ValueError:
+            return status_response(400, "BadRequest", "the body of the request was in an unknown format")
+        spec = dict((body or {}).get("spec") or {})
+        answer = self._answer_token_request(route.namespace, route.name, spec)
+        self.token_requests.append(TokenRequestCall(route.namespace, route.name, spec, answer.status))
+        return answer
+
+    def _answer_token_request(self, namespace: str, name: str, spec: Obj) -> web.Response:
+        account = self._objects.get(("serviceaccounts", namespace, name))
+        if account is None:
+            return status_response(404, "NotFound", f'serviceaccounts "{name}" not found',
+                                   {"name": name, "kind": "serviceaccounts"})
+        seconds = spec.get("expirationSeconds", 3600)
+        if not isinstance(seconds, int) or seconds < 600:
+            return status_response(
+                422, "Invalid", f'TokenRequest.authentication.k8s.io "{name}" is invalid: spec.expirationSeconds: '
+                f"Invalid value: {seconds}: may not specify a duration less than 10 minutes")
+        audiences = list(spec.get("audiences") or self.api_audiences)
+        bound_pod: Obj | None = None
+        ref = spec.get("boundObjectRef")
+        if ref:
+            if ref.get("kind") != "Pod":
+                return status_response(400, "BadRequest", f"cannot bind token to object of type {ref.get('kind')}")
+            bound_pod = self._objects.get(("pods", namespace, ref.get("name", "")))
+            if bound_pod is None:
+                return status_response(404, "NotFound", f'pods "{ref.get("name")}" not found',
+                                       {"name": ref.get("name"), "kind": "pods"})
+            if ref.get("uid") and ref["uid"] != bound_pod["metadata"]["uid"]:
+                return status_response(
+                    409, "Conflict", f'Operation cannot be fulfilled on Pod "{ref.get("name")}": the UID in the bound '
+                    f"object reference ({ref['uid']}) does not match the UID in record. The object might have been "
+                    "deleted and then recreated")
+            if (bound_pod.get("spec") or {}).get("serviceAccountName", "default") != name:
+                return status_response(400, "BadRequest", f'cannot bind token for serviceaccount "{name}" to pod '
+                                                          "running with different serviceaccount name.")
+        if self.minter is None:
+            return status_response(500, "InternalError", "the k8s double was started without a minter")
+        subject = f"system:serviceaccount:{namespace}:{name}"
+        kubernetes: Obj = {"namespace": namespace,
+                           "serviceaccount": {"name": name, "uid": account["metadata"]["uid"]}}
+        if bound_pod is not None:
+            kubernetes["pod"] = {"name": bound_pod["metadata"]["name"], "uid": bound_pod["metadata"]["uid"]}
+        issued = datetime.now(UTC)
+        token = self.minter.mint(subject, audience=audiences, lifetime_seconds=seconds, issuer=self.issuer,
+                                 now=issued.timestamp(), **{"kubernetes.io": kubernetes})
+        if isinstance(self.token_reviews, dict):
+            self.token_reviews[token] = identity_for(account, bound_pod, audiences=tuple(audiences))
+        expires = datetime.fromtimestamp(int(issued.timestamp() + seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        answer = {
+            "kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": now_timestamp()},
+            "spec": {**spec, "audiences": audiences, "expirationSeconds": seconds},
+            "status": {"token": token, "expirationTimestamp": expires},
+        }
+        return json_response(answer, status=201)
 
 
 def _default_alg(key: Mapping[str, Any]) -> str:

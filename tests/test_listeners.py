@@ -188,7 +188,7 @@ async def test_a_head_trickled_a_byte_at_a_time_is_cut_at_the_deadline(
         await asyncio.sleep(0.02)
 
     answer = await asyncio.wait_for(closed, BOUND_SECONDS)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5, answer
     status, body = json_error(answer)
     assert (status, body["code"]) == (408, "request_timeout")
     writer.close()
