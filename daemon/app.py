@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import resource
 import signal
@@ -42,7 +43,7 @@ from daemon.cache import CachePolicy, CredentialCache
 from daemon.directory.base import Directory, RoleChanged, Trust
 from daemon.directory.static import load_static_config
 from daemon.errors import ConfigError
-from daemon.logs import describe
+from daemon.logs import RateLimited, describe
 from daemon.models import Clock, CredentialSource, system_clock
 from daemon.tokens import FileKeySource, TokenVerifier
 
@@ -63,7 +64,11 @@ class RunningDaemon:
     directory: Directory
     credentials: list[listeners.Listener] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    draining: bool = False
+    draining_event: asyncio.Event = field(default_factory=asyncio.Event)  # /readyz says "draining" once set
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_event.is_set()
 
     @property
     def credentials_url(self) -> str:
@@ -73,7 +78,7 @@ class RunningDaemon:
         """Stop taking connections and answer every request under way within `seconds`."""
         if self.draining:
             return
-        self.draining = True
+        self.draining_event.set()
         log.info("draining: no new connections; answering requests under way within %.0f s", seconds)
         for listener in self.credentials:
             listener.stop_accepting()
@@ -281,6 +286,28 @@ async def running(
             in_use=directory.in_use,
         )
         identities.on_role_change(lambda subject: cache.drop(lambda key: key.subject == subject, "directory"))
+        draining = asyncio.Event()
+
+        def not_ready() -> list[str]:
+            reasons = [r for r in (verifier.not_ready_reason, directory.not_ready_reason) if r]
+            if draining.is_set():
+                reasons.insert(0, "draining (stopping)")
+            return reasons
+
+        metrics.DIRECTORY_READY.set_function(lambda: 0.0 if not_ready() else 1.0)
+        if isinstance(getattr(directory, "api_server_available", None), bool):
+            metrics.API_SERVER_AVAILABLE.set_function(
+                lambda: 1.0 if directory.api_server_available else 0.0)  # type: ignore[attr-defined]
+        # Metrics and probes first: /healthz answers and /readyz says why while the directory syncs.
+        metrics_runner = web.AppRunner(server.create_metrics_app(not_ready=not_ready), access_log=None,
+                                       shutdown_timeout=CLEANUP_SECONDS)
+        await metrics_runner.setup()
+        stack.push_async_callback(metrics_runner.cleanup)
+        (metrics_listener,) = await listeners.serve(
+            name="metrics", runner=metrics_runner, sockets=metrics_sockets, limits=settings.server.metrics_limits,
+            render=server.raw_error_response,
+        )
+        stack.callback(metrics_listener.stop_accepting)
         await _wait_ready(directory, verifier)
 
         hosts: frozenset[str] = frozenset()  # filled once the listeners report their ports
@@ -297,26 +324,8 @@ async def running(
         )
         bound = [listener.address for listener in credentials]
         hosts = server.allowed_hosts(bound)
-
-        daemon = RunningDaemon(listen=bound, metrics_listen=config.Address("", 0), cache=cache, verifier=verifier,
-                               directory=directory, credentials=credentials, tasks=tasks)
-
-        def not_ready() -> list[str]:
-            reasons = [r for r in (verifier.not_ready_reason, directory.not_ready_reason) if r]
-            if daemon.draining:
-                reasons.insert(0, "draining (stopping)")
-            return reasons
-
-        metrics.DIRECTORY_READY.set_function(lambda: 0.0 if not_ready() else 1.0)
-        metrics_runner = web.AppRunner(server.create_metrics_app(not_ready=not_ready), access_log=None,
-                                       shutdown_timeout=CLEANUP_SECONDS)
-        await metrics_runner.setup()
-        stack.push_async_callback(metrics_runner.cleanup)
-        (metrics_listener,) = await listeners.serve(
-            name="metrics", runner=metrics_runner, sockets=metrics_sockets, limits=settings.server.metrics_limits,
-            render=server.raw_error_response,
-        )
-        daemon.metrics_listen = metrics_listener.address
+        daemon = RunningDaemon(listen=bound, metrics_listen=metrics_listener.address, cache=cache, verifier=verifier,
+                               directory=directory, credentials=credentials, tasks=tasks, draining_event=draining)
 
         maintenance = asyncio.create_task(
             cache.run(interval_seconds=config.MAINTENANCE_INTERVAL_SECONDS), name="cache maintenance"
@@ -332,7 +341,6 @@ async def running(
         finally:
             for listener in credentials:
                 listener.stop_accepting()
-            metrics_listener.stop_accepting()
             cache.release_waiters()
             for task in tasks:
                 task.cancel()
@@ -362,10 +370,24 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
+_loop_errors = RateLimited(log, per_second=1.0, burst=5)
+
+
+def _quiet_loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """asyncio reports an accept() that failed for want of file descriptors with a traceback,
+    once per retry of every listener: at a bounded rate and in one line here."""
+    error = context.get("exception")
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        _loop_errors.log(logging.WARNING, "%s: %s", context.get("message", "accept failed"), describe(error))
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(settings: config.Settings) -> int:
     """Run until SIGTERM/SIGINT (drain, exit 0), or until a root task fails (exit 1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_loop_errors)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     failed: list[asyncio.Task[None]] = []

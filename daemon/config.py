@@ -172,6 +172,14 @@ class Settings:
 def parse_address(text: str) -> Address:
     match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
     if not match:
+        # An IPv6 address without brackets, as the downward API's status.hostIP gives it
+        # (`$(HOST_IP):9464`): the last colon is the port's.
+        host, _, port = text.strip().rpartition(":")
+        try:
+            if port.isdigit() and ipaddress.ip_address(host).version == 6:
+                return parse_address(f"[{host}]:{port}")
+        except ValueError:
+            pass
         raise ValueError(f"{text!r} is not HOST:PORT (IPv6 as [addr]:port)")
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4))

@@ -146,8 +146,16 @@ CONNECTIONS_REFUSED = Counter(
     namespace=NAMESPACE,
 )
 DIRECTORY_READY = Gauge(
-    "directory_ready", "1 when the directory and signing keys are loaded.", namespace=NAMESPACE
+    "directory_ready", "1 when ready (/readyz 200): the directory synced and reachable, the signing keys "
+    "loaded, not draining.", namespace=NAMESPACE
 )
+API_SERVER_AVAILABLE = Gauge(
+    "api_server_available",
+    "--directory kubernetes: 0 while the API server is unreachable, silent or answering 5xx (an outage "
+    "of the control plane, not of this daemon; 401/403 leave it 1).",
+    namespace=NAMESPACE,
+)
+API_SERVER_AVAILABLE.set(1)  # static mode has none to lose
 
 
 # Series of the hot path, resolved once: labels() takes a lock and looks the child up

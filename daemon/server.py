@@ -20,7 +20,7 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from daemon import metrics
+from daemon import doctor, metrics
 from daemon.logs import RateLimited
 from daemon.cache import CredentialCache
 from daemon.config import MAX_TOKEN_CHARS, Address
@@ -42,6 +42,12 @@ audit = logging.getLogger("irsa_cache.audit")
 
 CREDENTIALS_PATH = "/v1/credentials"
 OUTCOME = web.RequestKey("outcome", str)  # set by the handler, counted by the middleware
+# Who asked and which role they got, for the doctor command that reproduces a refusal.
+CALLER = web.RequestKey("caller", tuple)
+# Refusals whose broken link `irsa-cache doctor` finds: the trust policy, the provider,
+# the ServiceAccount. (Not a pod on another node: that is a copied token, not a broken chain.)
+DOCTOR_CODES = frozenset({"sts_denied", "sts_unavailable", "no_service_account", "no_role_annotation",
+                          "bad_role_annotation"})
 
 
 class Verifier(Protocol):
@@ -138,7 +144,7 @@ def create_app(
         except DaemonError as exc:
             outcome = _outcome_of(exc)
             headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, OverloadedError) else None
-            response = error_response(exc.status, exc.code, exc.message, headers=headers)
+            response = error_response(exc.status, exc.code, exc.message + _doctor_hint(request, exc), headers=headers)
             log_failure(request, exc)
         except web.HTTPException as exc:  # aiohttp's own 404 and 405 (which carries Allow)
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
@@ -174,7 +180,9 @@ def create_app(
         if len(token) > MAX_TOKEN_CHARS:
             raise TokenError(f"the token is {len(token)} characters; STS accepts at most {MAX_TOKEN_CHARS}", code="token_too_long")
         verified = await verifier.verify(token)
+        request[CALLER] = (verified.identity, None)
         role_arn = await directory.role_for(verified.identity)
+        request[CALLER] = (verified.identity, role_arn)
         credentials, outcome = await cache.get(CacheKey.of(role_arn, verified.identity), verified)
         request[OUTCOME] = outcome.value
         audit.info(
@@ -195,6 +203,18 @@ def create_app(
     app = web.Application(middlewares=[error_middleware])
     app.router.add_get(CREDENTIALS_PATH, get_credentials)
     return app
+
+
+def _doctor_hint(request: web.Request, error: DaemonError) -> str:
+    caller = request.get(CALLER)
+    if caller is None or error.code not in DOCTOR_CODES:
+        return ""
+    identity, role_arn = caller
+    if not identity.namespace:
+        return ""
+    command = doctor.command_for(namespace=identity.namespace, service_account=identity.service_account,
+                                 pod=identity.pod_name, role_arn=role_arn, audience=identity.audience)
+    return f". To find the broken link: {command}"
 
 
 def check_host(request: web.Request, hosts: frozenset[str]) -> None:

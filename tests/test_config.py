@@ -238,6 +238,8 @@ def test_listen_on_the_command_line_replaces_the_environment_list(static_file: P
         pytest.param("[::1]:8080", Address("::1", 8080), True, id="ipv6-loopback"),
         pytest.param("127.0.0.1:0", Address("127.0.0.1", 0), True, id="ephemeral-port"),
         pytest.param("localhost:65535", Address("localhost", 65535), True, id="hostname-max-port"),
+        # status.hostIP through $(HOST_IP):9464 on an IPv6 node: no brackets, the last colon is the port's.
+        pytest.param("2600:1f14:abc::7:9464", Address("2600:1f14:abc::7", 9464), False, id="ipv6-unbracketed"),
     ],
 )
 def test_parse_address(text: str, address: Address, loopback: bool) -> None:

@@ -78,6 +78,7 @@ OLDEST_KUBERNETES = "1.29"
 KUBERNETES_VERSIONS = (OLDEST_KUBERNETES, kubernetes_validate.latest_version())
 
 NODE = "node-a"
+HOST_IP = "10.0.3.17"  # what status.hostIP gives
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -219,8 +220,9 @@ def container_environment(container: Mapping[str, Any], docs: list[dict[str, Any
             continue
         source = var["valueFrom"]
         if "fieldRef" in source:
-            assert source["fieldRef"]["fieldPath"] == "spec.nodeName", source
-            env[var["name"]] = node_name
+            path = source["fieldRef"]["fieldPath"]
+            assert path in ("spec.nodeName", "status.hostIP"), source
+            env[var["name"]] = node_name if path == "spec.nodeName" else HOST_IP
         elif "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
             config_map = find(docs, "ConfigMap", ref["name"])
@@ -249,7 +251,7 @@ def test_the_daemon_container_args_parse_with_the_daemons_own_flags() -> None:
     assert settings.sts.region == find(docs, "ConfigMap", "irsa-cache")["data"]["AWS_REGION"]
     assert [str(a) for a in settings.server.listen] == ["169.254.170.23:80"]
     metrics_port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
-    assert settings.server.metrics_listen == config.Address("0.0.0.0", metrics_port)
+    assert settings.server.metrics_listen == config.Address(HOST_IP, metrics_port)  # the node's, not 0.0.0.0
     for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}
 
@@ -305,7 +307,30 @@ def test_rollout_and_resources() -> None:
     assert ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 30
     resources = main_container()["resources"]
     assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"]
-    assert "# sized from bench/burst.py: see README" in DAEMONSET.read_text()
+
+
+# README, "Resource bounds": measured by bench/hot_path.py and bench/hostile_connections.py.
+IDLE_KUBERNETES_MB = 106
+PER_IDENTITY_KB = 4.2
+PER_HOSTILE_CONNECTION_KB = 38
+
+
+def mebibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * (1024 if unit == "Gi" else 1)
+
+
+def test_the_memory_limit_covers_idle_full_cache_and_every_connection_hostile() -> None:
+    container = main_container()
+    env = container_environment(container, base(), NODE)
+    settings = config.parse_serve_args([_expand(a, env) for a in container["args"][1:]], environ=env)
+    worst_mb = (IDLE_KUBERNETES_MB + settings.cache.max_entries * PER_IDENTITY_KB / 1024
+                + settings.server.credentials_limits.max_connections * PER_HOSTILE_CONNECTION_KB / 1024
+                + settings.server.metrics_limits.max_connections * PER_HOSTILE_CONNECTION_KB / 1024)
+
+    limit_mb = mebibytes(container["resources"]["limits"]["memory"]) * 1.048576  # MiB to MB
+    assert limit_mb >= worst_mb, f"limit {limit_mb:.0f} MB < worst case {worst_mb:.0f} MB"
+    assert mebibytes(container["resources"]["requests"]["memory"]) * 1.048576 >= IDLE_KUBERNETES_MB
 
 
 def test_prometheus_finds_the_metrics_port() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from daemon import config
+from daemon.__main__ import build_parser
 from daemon.app import RunningDaemon
 from daemon.embedded import Background, Issuer, free_port
 from tests.conftest import (
@@ -132,6 +134,8 @@ async def test_a_black_holed_api_server_is_noticed_and_left_behind_on_recovery(
             break
         await asyncio.sleep(0.1)
     assert status == 503 and "did not answer in time" in text, text
+    assert metric("irsa_cache_api_server_available") == 0  # the control plane's outage, not ours
+    assert metric("irsa_cache_directory_ready") == 0
 
     k8s.fault = None
     k8s.update(service_account("team-a", "app", ROLE_A.replace("app-a", "app-a2")))
@@ -149,6 +153,32 @@ async def until_ready(http: aiohttp.ClientSession, daemon: RunningDaemon) -> Non
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"still not ready after 10 s: {text}")
+
+
+async def test_a_forbidden_list_is_this_daemons_problem_not_the_control_planes(
+    start_k8s_daemon: StartK8sDaemon, k8s: K8sApiDouble, cluster: Cluster, http: aiohttp.ClientSession,
+) -> None:
+    from tests.k8s_double import status_response
+
+    cluster.account("team-a", "app", ROLE_A)
+    daemon = await start_k8s_daemon(adjust=fast_api)
+
+    async def forbid_pods(request: web.Request, call: object) -> web.StreamResponse | None:
+        if "/pods" in request.path:
+            return status_response(403, "Forbidden", 'pods is forbidden: User "system:serviceaccount:irsa-cache:'
+                                   'irsa-cache" cannot list resource "pods" in API group "" at the cluster scope')
+        return None
+
+    k8s.fault = forbid_pods
+    k8s.drop_watches()
+    for _ in range(100):  # bounded: until the relist has been refused, and the other informer is back
+        status, text = await readiness(http, daemon)
+        if "403" in text and "serviceaccounts" not in text:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 503 and "cannot list resource" in text, text
+    assert metric("irsa_cache_api_server_available") == 1  # the server answers: the RBAC is ours to fix
+    assert alive(daemon)
 
 
 async def test_an_api_server_down_at_start_is_waited_for_not_a_crash(
@@ -339,7 +369,12 @@ async def test_a_role_change_clears_a_remembered_refusal_at_once(
     daemon = await start_k8s_daemon(adjust=fast_api)
     sts.fault = lambda call: (sts_error("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity",
                                         status=403) if call.role_arn == ROLE_A else None)
-    assert (await fetch(http, daemon, cluster.token(known))).status == 403
+    first = await fetch(http, daemon, cluster.token(known))
+    assert (first.status, first.body["code"]) == (403, "sts_denied")
+    # The refusal names the command that finds its broken link, and that command parses.
+    command = first.body["message"].rpartition("To find the broken link: ")[2]
+    assert command == f"irsa-cache doctor --live --pod-name team-a/app-1 --role-arn {ROLE_A}"
+    build_parser().parse_args(shlex.split(command)[1:])
     assert (await fetch(http, daemon, cluster.token(known))).status == 403
     assert len(sts.assume_calls) == 1
 

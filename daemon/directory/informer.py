@@ -136,6 +136,9 @@ class Informer:
         self.synced = asyncio.Event()  # set after the first successful list
         self.healthy = False  # false while the server cannot be reached
         self.last_error: str | None = None  # why it is not healthy, for /readyz
+        # False while the API server cannot answer (unreachable, timing out, 5xx): an outage of
+        # the control plane, not of this daemon (a 401/403 is ours to fix, and leaves it True).
+        self.server_available = True
         self.unhealthy_since: float | None = None  # wall time
         self._list_call = list_call
         self._on_change = on_change
@@ -186,6 +189,8 @@ class Informer:
         if self.healthy or self.unhealthy_since is None:
             self.unhealthy_since = time.time()
         self.healthy = False
+        status = exc.status if isinstance(exc, ApiError) else None
+        self.server_available = status is not None and 400 <= status < 500
         self.last_error = f"{_describe(exc)} (since {_utc(self.unhealthy_since)})"
 
     async def _relist(self) -> None:
@@ -293,6 +298,7 @@ class Informer:
         if not self.healthy and self.unhealthy_since is not None:
             log.info("%s informer: the API server answers again", self.name)
         self.healthy = True
+        self.server_available = True
         self.last_error = None
         self.unhealthy_since = None
 

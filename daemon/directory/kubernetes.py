@@ -105,6 +105,11 @@ class KubernetesDirectory:
         reasons = [r for r in (self.accounts.not_ready_reason, self.pods.not_ready_reason) if r]
         return "; ".join(reasons) or None
 
+    @property
+    def api_server_available(self) -> bool:
+        """False while an informer finds the API server unreachable, silent or failing (5xx)."""
+        return self.accounts.server_available and self.pods.server_available
+
     async def run(self) -> None:
         """Both informers, until cancelled."""
         async with asyncio.TaskGroup() as group:
