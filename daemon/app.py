@@ -33,12 +33,13 @@ import logging
 import resource
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from daemon import config, limiter, listeners, metrics, server, sts
+from daemon import config, handoff, limiter, listeners, metrics, server, sts
 from daemon.cache import CachePolicy, CredentialCache
 from daemon.directory.base import Directory, RoleChanged, Trust
 from daemon.directory.static import load_static_config
@@ -50,6 +51,8 @@ from daemon.tokens import FileKeySource, TokenVerifier
 log = logging.getLogger(__name__)
 
 DIRECTORY_SYNC_WAIT_SECONDS = 10.0
+BIND_WAIT_SECONDS = 30.0  # for a predecessor that does not hand over to let go of an address
+STATUS_INTERVAL_SECONDS = 1.0
 CLEANUP_SECONDS = 2.0  # after the drain: close what is left
 
 
@@ -235,16 +238,96 @@ def raise_fd_limit(wanted_connections: int) -> int:
     return min(room, wanted_connections)
 
 
-def _bind_all(addresses: tuple[config.Address, ...] | list[config.Address]) -> list[socket.socket]:
+def _handoff_path(path: Path | None) -> Path | None:
+    """The handoff socket's path, if handoffs can happen here: its directory exists (the
+    DaemonSet mounts it from the host; a daemon run by hand usually has none)."""
+    if path is None or not str(path):
+        return None
+    if not path.parent.is_dir():
+        log.info("handoff: %s does not exist: no warm handoff to or from this daemon", path.parent)
+        return None
+    return path
+
+
+async def _sockets(addresses: Sequence[config.Address], role: str, inheritance: handoff.Inheritance | None,
+                   handoff_path: Path | None) -> list[socket.socket]:
+    """A listening socket per address: the predecessor's if it handed one over, else bound here."""
     sockets: list[socket.socket] = []
+    inherited = list(inheritance.sockets) if inheritance is not None else []
     try:
         for address in addresses:
-            sockets.append(listeners.bind(address))
+            match = next((item for item in inherited if item[0] == role and item[1].host == address.host
+                          and address.port in (0, item[1].port)), None)
+            if match is not None:
+                inherited.remove(match)
+                sockets.append(match[2])
+            else:
+                sockets.append(await _bind(address, patient=handoff_path is not None and handoff_path.exists()))
     except listeners.BindError as exc:
         for sock in sockets:
             sock.close()
         raise ConfigError([str(exc)]) from None
+    for item in inherited:
+        if item[0] == role:  # an address the predecessor had and we do not: it serves it until it stops
+            item[2].close()
     return sockets
+
+
+async def _bind(address: config.Address, *, patient: bool) -> socket.socket:
+    """Bind `address`; if a predecessor that did not hand over may still hold it (its
+    handoff socket is there), wait up to BIND_WAIT_SECONDS for it to let go."""
+    deadline = asyncio.get_running_loop().time() + (BIND_WAIT_SECONDS if patient else 0)
+    while True:
+        try:
+            return listeners.bind(address)
+        except listeners.BindError as exc:
+            if exc.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() >= deadline:
+                raise
+            log.warning("%s; waiting for the process holding it to exit (an irsa-cache that does not hand over?)",
+                        exc)
+            await asyncio.sleep(1.0)
+
+
+class StatusFiles:
+    """`started` and `ready` in --status-dir, for the kubelet's exec probes: a file each
+    process keeps in its own pod, so that a probe never reads another generation's state
+    (both generations accept on the same metrics socket during an upgrade)."""
+
+    def __init__(self, directory: Path | None, not_ready: Callable[[], list[str]]) -> None:
+        self._directory = directory
+        self._not_ready = not_ready
+
+    def started(self) -> None:
+        self._write("started", "started\n")
+
+    async def run(self) -> None:
+        if self._directory is None:
+            return
+        try:
+            while True:
+                reasons = self._not_ready()
+                if reasons:
+                    self._remove("ready")
+                else:
+                    self._write("ready", "ready\n")
+                await asyncio.sleep(STATUS_INTERVAL_SECONDS)
+        finally:
+            self._remove("ready")
+
+    def _write(self, name: str, text: str) -> None:
+        if self._directory is None:
+            return
+        try:
+            temporary = self._directory / f".{name}.tmp"
+            temporary.write_text(text)
+            temporary.replace(self._directory / name)
+        except OSError as exc:
+            log.warning("cannot write %s in %s: %s", name, self._directory, describe(exc))
+
+    def _remove(self, name: str) -> None:
+        if self._directory is not None:
+            with contextlib.suppress(OSError):
+                (self._directory / name).unlink()
 
 
 @contextlib.asynccontextmanager
@@ -256,17 +339,21 @@ async def running(
 ) -> AsyncIterator[RunningDaemon]:
     """Start every part of the daemon; stop them all on exit. `source` replaces STS in tests."""
     async with contextlib.AsyncExitStack() as stack:
-        credential_sockets = _bind_all(settings.server.listen)
-        metrics_sockets = _bind_all([settings.server.metrics_listen])
-        for sock in (*credential_sockets, *metrics_sockets):
-            stack.callback(sock.close)
         max_connections = raise_fd_limit(settings.server.credentials_limits.max_connections)
-
         if settings.directory.kind == "kubernetes":
             identities = await kubernetes_identities(settings, clock, stack)
         else:
             identities = await static_identities(settings, clock)
         directory, verifier = identities.directory, identities.verifier
+        # Configuration is good: take over from a predecessor (its sockets, its cache), or bind.
+        handoff_path = _handoff_path(settings.server.handoff_socket)
+        inheritance = await asyncio.to_thread(handoff.inherit, handoff_path) if handoff_path else None
+        if inheritance is not None:
+            stack.callback(inheritance.connection.close)
+        credential_sockets = await _sockets(settings.server.listen, "credentials", inheritance, handoff_path)
+        metrics_sockets = await _sockets([settings.server.metrics_listen], "metrics", inheritance, handoff_path)
+        for sock in (*credential_sockets, *metrics_sockets):
+            stack.callback(sock.close)
         tasks: list[asyncio.Task[None]] = []
         for name, work in (("directory", directory.run()), ("signing keys", verifier.run())):
             task = asyncio.create_task(work, name=name)
@@ -286,10 +373,16 @@ async def running(
             in_use=directory.in_use,
         )
         identities.on_role_change(lambda subject: cache.drop(lambda key: key.subject == subject, "directory"))
+        if inheritance is not None:
+            taken = cache.restore(inheritance.entries, inheritance.refusals)
+            log.info("handoff: %d cached identities taken over", taken)
         draining = asyncio.Event()
+        handed_over = asyncio.Event()
 
         def not_ready() -> list[str]:
             reasons = [r for r in (verifier.not_ready_reason, directory.not_ready_reason) if r]
+            if handed_over.is_set():
+                reasons.insert(0, "handed over to a successor")
             if draining.is_set():
                 reasons.insert(0, "draining (stopping)")
             return reasons
@@ -308,6 +401,8 @@ async def running(
             render=server.raw_error_response,
         )
         stack.callback(metrics_listener.stop_accepting)
+        status = StatusFiles(settings.server.status_dir, not_ready)
+        status.started()
         await _wait_ready(directory, verifier)
 
         hosts: frozenset[str] = frozenset()  # filled once the listeners report their ports
@@ -331,6 +426,30 @@ async def running(
             cache.run(interval_seconds=config.MAINTENANCE_INTERVAL_SECONDS), name="cache maintenance"
         )
         tasks.append(maintenance)
+        tasks.append(asyncio.create_task(status.run(), name="status files"))
+        if inheritance is not None:
+            await asyncio.to_thread(inheritance.confirm)  # we serve: the predecessor retires
+
+        def retire() -> None:
+            """A successor has our sockets and our cache: it refreshes, it answers probes and
+            scrapes; we answer what reaches us until SIGTERM."""
+            handed_over.set()
+            cache.retire()
+            metrics_listener.stop_accepting()
+
+        if handoff_path is not None:
+            predecessor = handoff.Predecessor(
+                path=handoff_path,
+                sockets=[*(("credentials", s) for s in credential_sockets), ("metrics", metrics_sockets[0])],
+                snapshot=cache.snapshot, on_handed_over=retire,
+            )
+            try:
+                predecessor.start()
+            except OSError as exc:
+                log.warning("handoff: cannot listen on %s (%s): a successor will start cold", handoff_path,
+                            describe(exc))
+            else:
+                stack.callback(predecessor.close)
         log.info(
             "serving credentials on %s, metrics on %s",
             ", ".join(map(str, bound)), daemon.metrics_listen,

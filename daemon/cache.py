@@ -90,6 +90,27 @@ class _Refusal(NamedTuple):
     error: DaemonError
 
 
+@dataclass(frozen=True, kw_only=True)
+class EntryState:
+    """What a successor needs of one entry to serve and refresh it as this cache would."""
+
+    key: CacheKey
+    credentials: Credentials | None
+    token: VerifiedToken | None  # the freshest valid token: the refreshes' own
+    last_used: float
+    refresh_at: float
+    retry_at: float
+    failures: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefusalState:
+    key: CacheKey
+    fingerprint: str | None  # a token-specific refusal's token; None: the identity's
+    until: float
+    error: DaemonError
+
+
 # Refusals that concern the token presented, not the identity: another token may pass.
 _TOKEN_REFUSALS = frozenset({"ExpiredTokenException"})
 
@@ -145,6 +166,7 @@ class CredentialCache:
         # Permanent STS refusals by key, or by (key, token fingerprint); oldest first.
         self._refusals: OrderedDict[CacheKey | tuple[CacheKey, str], _Refusal] = OrderedDict()
         self._closing: asyncio.Future[None] | None = None  # set by release_waiters()
+        self._retired = False  # a successor refreshes now: this cache starts no refresh
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -264,7 +286,7 @@ class CredentialCache:
                 self._evict(entry, "expired")  # nothing to serve and nothing to refresh with
                 continue
             if cached is not None:
-                due_now = now >= max(entry.refresh_at, entry.retry_at)
+                due_now = now >= max(entry.refresh_at, entry.retry_at) and not self._retired
                 if due_now and entry.exchange is None and token is not None and self._in_use(entry.key):
                     self._start_exchange(entry, token, Priority.REFRESH)
             self._schedule(entry, self._next_check(entry))
@@ -281,6 +303,61 @@ class CredentialCache:
         for refusal_key in [k for k in self._refusals if matches(k if isinstance(k, CacheKey) else k[0])]:
             del self._refusals[refusal_key]
         return len(doomed)
+
+    # --- a warm handoff to a successor (handoff.py carries these over the wire) ---
+
+    def snapshot(self) -> tuple[list[EntryState], list[RefusalState]]:
+        """Every entry worth carrying over and every refusal still in force. Nothing
+        expired: no expired credentials, token or refusal."""
+        now = self._clock()
+        entries = []
+        for entry in self._entries.values():
+            token = entry.usable_token(now)
+            credentials = entry.credentials if entry.credentials is not None and entry.credentials.remaining(now) > 0 \
+                else None
+            if credentials is None and token is None:
+                continue
+            entries.append(EntryState(key=entry.key, credentials=credentials, token=token, last_used=entry.last_used,
+                                      refresh_at=entry.refresh_at, retry_at=entry.retry_at, failures=entry.failures))
+        refusals = [
+            RefusalState(key=key if isinstance(key, CacheKey) else key[0],
+                         fingerprint=None if isinstance(key, CacheKey) else key[1],
+                         until=refusal.until, error=refusal.error)
+            for key, refusal in self._refusals.items() if refusal.until > now
+        ]
+        return entries, refusals
+
+    def restore(self, entries: list[EntryState], refusals: list[RefusalState]) -> int:
+        """Take over a predecessor's entries (refresh times and all) and refusals; returns
+        how many entries were taken. An entry already here is kept: it is at least as new."""
+        now = self._clock()
+        taken = 0
+        for state in entries:
+            if state.key in self._entries or len(self._entries) >= self._policy.max_entries:
+                continue
+            token = state.token if state.token is not None and state.token.expires_at > now else None
+            credentials = state.credentials if state.credentials is not None and state.credentials.remaining(now) > 0 \
+                else None
+            if token is None and credentials is None:
+                continue
+            entry = _Entry(key=state.key, token=token, last_used=state.last_used, credentials=credentials,
+                           refresh_at=state.refresh_at, retry_at=state.retry_at, failures=state.failures)
+            self._entries[state.key] = entry
+            if credentials is not None:
+                heapq.heappush(self._expiries, (credentials.expires_at, next(self._sequence), entry))
+            self._schedule(entry, self._next_check(entry))
+            taken += 1
+        for refusal in refusals:
+            if refusal.until > now:
+                key = refusal.key if refusal.fingerprint is None else (refusal.key, refusal.fingerprint)
+                self._refusals[key] = _Refusal(refusal.until, refusal.error)
+        metrics.CACHE_ENTRIES.set(len(self._entries))
+        return taken
+
+    def retire(self) -> None:
+        """A successor has this cache's entries and refreshes them: start no refresh from
+        now on (exchanges under way finish; callers are still answered)."""
+        self._retired = True
 
     def _next_check(self, entry: _Entry) -> float:
         """The earliest time at which maintain() may have something to do with `entry`.

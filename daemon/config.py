@@ -115,6 +115,8 @@ class ServerSettings:
     credentials_limits: ConnectionLimits = CREDENTIALS_LIMITS
     metrics_limits: ConnectionLimits = METRICS_LIMITS
     drain_seconds: float = DRAIN_SECONDS
+    handoff_socket: Path | None = None
+    status_dir: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,6 +279,8 @@ class Option:
 SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--listen", parse_address, "169.254.170.23:80", "credentials endpoint address; repeatable", repeatable=True, metavar="HOST:PORT"),
     Option("--metrics-listen", parse_address, "0.0.0.0:9464", "metrics, /healthz and /readyz", metavar="HOST:PORT"),
+    Option("--handoff-socket", Path, "/run/irsa-cache/handoff.sock", "where a successor takes over this daemon's sockets and cache (an upgrade); '' for none; off when its directory is missing", metavar="PATH"),
+    Option("--status-dir", Path, None, "keep the files `started` and `ready` here, for exec probes (the DaemonSet's)", metavar="DIR"),
     Option("--directory", parse_choice("static", "kubernetes"), "static", "where roles and signing keys come from"),
     Option("--static-config", Path, None, "YAML file of issuer, key set and subject-to-role rules (--directory static)", metavar="FILE"),
     Option("--kubeconfig", Path, None, "kubeconfig for --directory kubernetes (default: in-cluster service account)", metavar="FILE"),
@@ -409,6 +413,9 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
     if v["idle_evict"] is not None and v["idle_evict"] <= 0:
         problems.append(f"{src['idle_evict']}: must be above 0")
 
+    if v["status_dir"] is not None and not v["status_dir"].is_dir():
+        problems.append(f"{src['status_dir']}: {v['status_dir']} is not a directory")
+
     if v["directory"] == "static":
         path: Path | None = v["static_config"]
         if path is None:
@@ -429,6 +436,8 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
             listen=v["listen"],
             metrics_listen=v["metrics_listen"],
             credentials_limits=dataclasses.replace(CREDENTIALS_LIMITS, max_connections=v["max_connections"]),
+            handoff_socket=v["handoff_socket"] if v["handoff_socket"] and str(v["handoff_socket"]) != "." else None,
+            status_dir=v["status_dir"],
         ),
         directory=DirectorySettings(
             kind=v["directory"],

@@ -62,6 +62,10 @@ def _handler_options(limits: ConnectionLimits) -> dict[str, Any]:
 class BindError(Exception):
     """A listen address cannot be bound; the message says what to do."""
 
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
 
 def bind(address: Address) -> socket.socket:
     """A listening TCP socket on `address`, or BindError saying why not in one line."""
@@ -80,7 +84,7 @@ def bind(address: Address) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(_bind_advice(address, exc)) from None
+        raise BindError(_bind_advice(address, exc), exc.errno) from None
     return sock
 
 

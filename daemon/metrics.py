@@ -145,6 +145,24 @@ CONNECTIONS_REFUSED = Counter(
     ["listener", "reason"],
     namespace=NAMESPACE,
 )
+HANDOFF_OUTCOMES = Counter(
+    "handoffs",
+    "Warm handoffs between generations, by role (predecessor, successor) and outcome (handed_over; warm: "
+    "sockets and cache taken; sockets_only: sockets taken, cache cold; no_predecessor; failed).",
+    ["role", "outcome"],
+    namespace=NAMESPACE,
+)
+HANDOFF_ENTRIES = Counter(
+    "handoff_entries", "Cache entries in warm handoffs, by direction (sent, received).", ["direction"],
+    namespace=NAMESPACE,
+)
+HANDOFF_DURATION = Histogram(
+    "handoff_duration_seconds", "Time a handoff took, by role (predecessor, successor).", ["role"],
+    namespace=NAMESPACE, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+GENERATION_STARTED = Gauge(
+    "generation_start_time_seconds", "When this process (generation) started, epoch seconds.", namespace=NAMESPACE
+)
 DIRECTORY_READY = Gauge(
     "directory_ready", "1 when ready (/readyz 200): the directory synced and reachable, the signing keys "
     "loaded, not draining.", namespace=NAMESPACE
@@ -166,6 +184,11 @@ API_SERVER_AVAILABLE.set(1)  # static mode has none to lose
 def request_series(code: int, outcome: str) -> tuple[Counter, Histogram]:
     """The request counter and duration histogram for one HTTP status and outcome."""
     return REQUESTS.labels(code=str(code), outcome=outcome), REQUEST_DURATION.labels(outcome=outcome)
+
+
+@functools.cache
+def handoff_outcome(role: str, outcome: str) -> Counter:
+    return HANDOFF_OUTCOMES.labels(role=role, outcome=outcome)
 
 
 @functools.cache
@@ -201,6 +224,13 @@ def _create_known_series() -> None:
         CONNECTIONS.labels(listener=listener)
         for reason in CONNECTION_REFUSALS:
             CONNECTIONS_REFUSED.labels(listener=listener, reason=reason)
+    for role, outcomes in (("predecessor", ("handed_over", "failed")),
+                           ("successor", ("warm", "sockets_only", "no_predecessor", "failed"))):
+        HANDOFF_DURATION.labels(role=role)
+        for outcome in outcomes:
+            HANDOFF_OUTCOMES.labels(role=role, outcome=outcome)
+    for direction in ("sent", "received"):
+        HANDOFF_ENTRIES.labels(direction=direction)
     for kind in REFUSAL_KINDS:
         REFUSALS_REMEMBERED.labels(kind=kind)
     for severity in ("expired", "short"):

@@ -28,6 +28,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import logs
@@ -64,6 +65,10 @@ NETWORK_OPTIONS: tuple[Option, ...] = (
            "they go on lo, and 'lo' puts them there always", metavar="NAME"),
     Option("--ipv6", parse_bool, "false",
            f"also add {IPV6_ADDRESS} (skipped with a warning where IPv6 is missing or disabled)", flag_only=True),
+    Option("--handoff-dir", Path, None,
+           "also create this directory for `serve --handoff-socket` (a host path both generations of the "
+           "daemon mount), owned by --handoff-uid, mode 0700 (needs CAP_CHOWN)", metavar="DIR"),
+    Option("--handoff-uid", int, "65532", "the daemon's uid, which owns --handoff-dir", metavar="UID"),
     Option("--log-level", parse_choice("debug", "info", "warning", "error"), "info", "log level"),
 )
 
@@ -73,6 +78,8 @@ class NetworkSettings:
     interface: str
     addresses: tuple[IpInterface, ...]
     log_level: str = "info"
+    handoff_dir: Path | None = None
+    handoff_uid: int = 65532
 
 
 class NetworkSetupError(Exception):
@@ -98,6 +105,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
             raw, source = environ[option.env], option.env
         if raw is None:
             raw = option.default
+        if raw is None:
+            values[option.dest] = None
+            continue
         try:
             values[option.dest] = option.parse(raw)
         except ValueError as exc:
@@ -108,6 +118,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         interface=values["interface"],
         addresses=(IPV4_ADDRESS, IPV6_ADDRESS) if values["ipv6"] else (IPV4_ADDRESS,),
         log_level=values["log_level"],
+        handoff_dir=values["handoff_dir"],
+        handoff_uid=values["handoff_uid"],
     )
 
 
@@ -121,10 +133,25 @@ def main(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     try:
         set_up(settings)
+        if settings.handoff_dir is not None:
+            prepare_handoff_dir(settings.handoff_dir, settings.handoff_uid)
     except NetworkSetupError as exc:
         log.error("%s", exc, extra=exc.fields)
         return 1
     return 0
+
+
+def prepare_handoff_dir(directory: Path, uid: int) -> None:
+    """The directory where generations of the daemon meet for a handoff: the daemon's
+    alone (its uid, mode 0700), since what crosses it are listening sockets and credentials."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chown(directory, uid, uid)
+        directory.chmod(0o700)
+    except OSError as exc:
+        hint = " (the init container needs CAP_CHOWN)" if exc.errno == errno.EPERM else ""
+        raise NetworkSetupError(f"handoff directory {directory}: {exc.strerror}{hint}", path=str(directory)) from exc
+    log.info("handoff directory %s ready for uid %d", directory, uid)
 
 
 def set_up(settings: NetworkSettings) -> None:

@@ -234,12 +234,29 @@ def container_environment(container: Mapping[str, Any], docs: list[dict[str, Any
     return env
 
 
+MOUNTED: dict[str, str] = {}  # a mount path of the container -> a directory standing for it here
+
+
+def mounted(arg: str, container: Mapping[str, Any]) -> str:
+    """An argument naming a path under one of the container's volume mounts, pointed at a
+    directory that stands for the mounted volume on this machine (the daemon checks it)."""
+    import tempfile
+
+    for mount in container.get("volumeMounts", []):
+        path = mount["mountPath"]
+        if arg == path or arg.startswith(path + "/"):
+            if path not in MOUNTED:
+                MOUNTED[path] = tempfile.mkdtemp(prefix="irsa-cache-mount-")
+            return MOUNTED[path] + arg[len(path):]
+    return arg
+
+
 def test_the_daemon_container_args_parse_with_the_daemons_own_flags() -> None:
     docs = base()
     container = main_container()
     assert "command" not in container, "the image's ENTRYPOINT (irsa-cache) runs the args"
     env = container_environment(container, docs, NODE)
-    args = [_expand(arg, env) for arg in container["args"]]
+    args = [mounted(_expand(arg, env), container) for arg in container["args"]]
     assert args[0] == "serve"
 
     settings = config.parse_serve_args(args[1:], environ=env)
@@ -250,10 +267,16 @@ def test_the_daemon_container_args_parse_with_the_daemons_own_flags() -> None:
     assert settings.directory.token_review is False  # deploy/token-review.yaml is optional
     assert settings.sts.region == find(docs, "ConfigMap", "irsa-cache")["data"]["AWS_REGION"]
     assert [str(a) for a in settings.server.listen] == ["169.254.170.23:80"]
-    metrics_port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    metrics_port = int(daemonset()["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
     assert settings.server.metrics_listen == config.Address(HOST_IP, metrics_port)  # the node's, not 0.0.0.0
-    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
-        assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": metrics_port}
+    # Startup and readiness read this process's own files: the metrics socket is shared in an upgrade.
+    assert settings.server.status_dir is not None
+    assert container["startupProbe"]["exec"]["command"] == ["cat", f"{MOUNTED['/run/irsa-cache-status']}/started"
+                                                           .replace(MOUNTED["/run/irsa-cache-status"], "/run/irsa-cache-status")]
+    assert container["readinessProbe"]["exec"]["command"] == ["cat", "/run/irsa-cache-status/ready"]
+    assert str(settings.server.status_dir) == MOUNTED["/run/irsa-cache-status"]
+    assert str(settings.server.handoff_socket).startswith(MOUNTED["/run/irsa-cache"])
 
 
 def test_the_init_container_args_parse_with_init_network() -> None:
@@ -293,16 +316,25 @@ def test_security_context() -> None:
     init = init_container()["securityContext"]
     assert init["readOnlyRootFilesystem"] is True and init["allowPrivilegeEscalation"] is False
     assert init["capabilities"]["drop"] == ["ALL"]
-    # NET_ADMIN for the address; NET_BIND_SERVICE only so the image's interpreter, which
+    # NET_ADMIN for the address, CHOWN for the handoff directory; NET_BIND_SERVICE only so the image's interpreter, which
     # carries it as a file capability, can be exec'd at all (see the Dockerfile).
-    assert sorted(init["capabilities"]["add"]) == ["NET_ADMIN", "NET_BIND_SERVICE"]
+    assert sorted(init["capabilities"]["add"]) == ["CHOWN", "NET_ADMIN", "NET_BIND_SERVICE"]
     assert "cap_net_bind_service=ep" in DOCKERFILE.read_text()
 
 
 def test_rollout_and_resources() -> None:
     ds = daemonset()
+    # The new generation starts beside the old one and takes over its sockets and cache.
     assert ds["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    # What would keep a surge pod off the node: a declared port is a hostPort on the node's network.
+    assert "ports" not in main_container() and "ports" not in init_container()
+    spec = ds["spec"]["template"]["spec"]
+    handoff = next(v for v in spec["volumes"] if v["name"] == "handoff")
+    assert handoff["hostPath"]["path"] == "/run/irsa-cache"  # both generations' pods mount the one host directory
+    init = init_container()
+    assert init["args"][init["args"].index("--handoff-dir") + 1] == "/run/irsa-cache"
+    assert "CHOWN" in init["securityContext"]["capabilities"]["add"]
     assert ds["spec"]["minReadySeconds"] > 0
     assert ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 30
     resources = main_container()["resources"]
@@ -323,7 +355,8 @@ def mebibytes(quantity: str) -> float:
 def test_the_memory_limit_covers_idle_full_cache_and_every_connection_hostile() -> None:
     container = main_container()
     env = container_environment(container, base(), NODE)
-    settings = config.parse_serve_args([_expand(a, env) for a in container["args"][1:]], environ=env)
+    settings = config.parse_serve_args([mounted(_expand(a, env), container) for a in container["args"][1:]],
+                                       environ=env)
     worst_mb = (IDLE_KUBERNETES_MB + settings.cache.max_entries * PER_IDENTITY_KB / 1024
                 + settings.server.credentials_limits.max_connections * PER_HOSTILE_CONNECTION_KB / 1024
                 + settings.server.metrics_limits.max_connections * PER_HOSTILE_CONNECTION_KB / 1024)
@@ -337,21 +370,48 @@ def test_prometheus_finds_the_metrics_port() -> None:
     ds = daemonset()
     labels = ds["spec"]["template"]["metadata"]["labels"]
     annotations = ds["spec"]["template"]["metadata"]["annotations"]
-    port = {p["name"]: p["containerPort"] for p in main_container()["ports"]}["metrics"]
-    assert annotations["prometheus.io/port"] == str(port)
+    port = int(annotations["prometheus.io/port"])
+    args = main_container()["args"]
+    assert args[args.index("--metrics-listen") + 1] == f"$(HOST_IP):{port}"
 
     monitor = find(documents(DEPLOY / "podmonitor.yaml"), "PodMonitor")
     assert monitor["metadata"]["namespace"] == ds["metadata"]["namespace"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    rules = [{"source_labels": r["sourceLabels"], "regex": r.get("regex", "(.*)"), "replacement": r.get("replacement", "$1"),
+              "target_label": r["targetLabel"], "action": r.get("action", "replace")} for r in endpoint["relabelings"]]
+    for pod_ip, address in (("10.0.3.17", f"10.0.3.17:{port}"), ("2600:1f14::7", f"[2600:1f14::7]:{port}")):
+        target = relabel(rules, {"__meta_kubernetes_pod_ip": pod_ip, "__address__": pod_ip,
+                                 "__meta_kubernetes_pod_annotation_prometheus_io_port": str(port)})
+        assert target is not None and target["__address__"] == address
 
     (job,) = yaml.safe_load((DEPLOY / "prometheus-scrape.yaml").read_text())["scrape_configs"]
     (sd,) = job["kubernetes_sd_configs"]
     assert sd["role"] == "pod" and sd["namespaces"]["names"] == [ds["metadata"]["namespace"]]
     key, value = sd["selectors"][0]["label"].split("=")
     assert labels[key] == value
-    keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
-    assert keep == [{"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics", "action": "keep"}]
+    for pod_ip, address in (("10.0.3.17", f"10.0.3.17:{port}"), ("2600:1f14::7", f"[2600:1f14::7]:{port}")):
+        target = relabel(job["relabel_configs"], {"__meta_kubernetes_pod_ip": pod_ip, "__address__": pod_ip,
+                                                  "__meta_kubernetes_pod_annotation_prometheus_io_port": str(port)})
+        assert target is not None and target["__address__"] == address
+    assert relabel(job["relabel_configs"], {"__meta_kubernetes_pod_ip": "10.0.0.9", "__address__": "10.0.0.9"}) is None
+
+
+def relabel(rules: list[dict[str, Any]], labels: dict[str, str]) -> dict[str, str] | None:
+    """Prometheus's relabelling, `replace` and `keep`, as its documentation gives them: source
+    labels joined by ';', the regex anchored at both ends, $1.. in the replacement."""
+    labels = dict(labels)
+    for rule in rules:
+        value = ";".join(labels.get(name, "") for name in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep":
+            if match is None:
+                return None
+        elif action == "replace" and match is not None:
+            replacement = re.sub(r"\$(\d+)", lambda m: match.group(int(m.group(1))), rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = replacement
+    return labels
 
 
 def test_the_example_app_uses_the_daemon_and_not_the_webhook() -> None:
@@ -482,8 +542,8 @@ async def test_the_token_review_overlay_adds_the_flag_and_exactly_what_it_calls(
     (container,) = [c for c in find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
                     if c["name"] == "irsa-cache"]
     env = container_environment(container, docs, NODE)
-    args = [_expand(arg, env) for arg in container["args"]]
-    assert args[:-1] == [_expand(arg, env) for arg in main_container()["args"]]
+    args = [mounted(_expand(arg, env), container) for arg in container["args"]]
+    assert args[:-1] == [mounted(_expand(arg, env), container) for arg in main_container()["args"]]
     assert config.parse_serve_args(args[1:], environ=env).directory.token_review is True
 
     used = await recorded_permissions(issuer, sts, tmp_path, "--token-review")

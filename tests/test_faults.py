@@ -43,9 +43,11 @@ def fast_api(settings: config.Settings) -> config.Settings:
 
 
 def alive(daemon: RunningDaemon) -> bool:
-    """No root task has ended with an error (the signing-key loader ends once loaded)."""
-    return all(not task.done() or (not task.cancelled() and task.exception() is None and task.get_name() ==
-                                   "signing keys") for task in daemon.tasks)
+    """No root task has ended with an error, and those that never end still run (the
+    signing-key loader ends once loaded; the status files end at once without a directory)."""
+    ended_badly = any(task.done() and (task.cancelled() or task.exception() is not None) for task in daemon.tasks)
+    running = {task.get_name() for task in daemon.tasks if not task.done()}
+    return not ended_badly and {"directory", "cache maintenance"} <= running
 
 
 async def readiness(http: aiohttp.ClientSession, daemon: RunningDaemon) -> tuple[int, str]:

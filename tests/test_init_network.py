@@ -234,7 +234,8 @@ def settings(argv: list[str], environ: dict[str, str]) -> netsetup.NetworkSettin
 
 def test_settings_defaults_flags_and_environment() -> None:
     assert settings([], {}) == netsetup.NetworkSettings(
-        interface="irsa-cache0", addresses=(netsetup.IPV4_ADDRESS,), log_level="info"
+        interface="irsa-cache0", addresses=(netsetup.IPV4_ADDRESS,), log_level="info", handoff_dir=None,
+        handoff_uid=65532,
     )
     from_env = settings([], {"IRSA_CACHE_IPV6": "yes", "IRSA_CACHE_INTERFACE": "lo", "IRSA_CACHE_LOG_LEVEL": "debug"})
     assert from_env.addresses == (netsetup.IPV4_ADDRESS, netsetup.IPV6_ADDRESS)
@@ -245,3 +246,25 @@ def test_settings_defaults_flags_and_environment() -> None:
     assert raised.value.problems == [
         "--interface: 'sixteen-chars-xx' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"
     ]
+
+
+def test_the_handoff_directory_is_made_the_daemons_alone(netns: str, tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "irsa-cache"
+
+    run = init_network(netns, "--handoff-dir", str(directory), "--handoff-uid", "65532")
+
+    assert run.returncode == 0, run.stderr
+    info = directory.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (65532, 65532, 0o700)
+    again = init_network(netns, "--handoff-dir", str(directory))  # idempotent, like the addresses
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux's setpriv is not installed")
+def test_without_chown_the_handoff_directory_error_says_so(netns: str, tmp_path: Path) -> None:
+    run = init_network(netns, "--handoff-dir", str(tmp_path / "h"),
+                       prefix=("setpriv", "--inh-caps=-chown", "--bounding-set=-chown"))
+
+    assert run.returncode == 1, run.stderr
+    (error,) = [line for line in run.lines if line["level"] == "error"]
+    assert "CAP_CHOWN" in error["message"]

@@ -49,7 +49,7 @@ async def test_metrics_probes_and_the_counts_of_a_request(daemon, issuer: Issuer
     # No label carries a pod, a token or a role.
     label_names = {name for (sample, labels) in samples if sample.startswith("irsa_cache_") for name, _ in labels}
     assert label_names <= {"code", "outcome", "reason", "result", "priority", "informer", "listener", "kind",
-                           "severity", "le"}
+                           "severity", "role", "direction", "le"}
 
 
 async def test_the_credentials_port_does_not_serve_metrics(daemon, http: aiohttp.ClientSession) -> None:
