@@ -171,8 +171,9 @@ async def _kubernetes_configuration(kubeconfig: object) -> object:
         hint = "" if kubeconfig is not None else (
             " (not running in a pod: pass --kubeconfig FILE, or use --directory static)")
         raise ConfigError([f"{where}: {describe(exc)}{hint}"]) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError([f"--kubeconfig {kubeconfig}: cannot be read: {describe(exc)}"]) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the library meets in a file that is not a kubeconfig
+        raise ConfigError([f"--kubeconfig {kubeconfig}: not a kubeconfig the client can use ({describe(exc)})"]) \
+            from None
     return configuration
 
 
@@ -339,7 +340,6 @@ async def running(
 ) -> AsyncIterator[RunningDaemon]:
     """Start every part of the daemon; stop them all on exit. `source` replaces STS in tests."""
     async with contextlib.AsyncExitStack() as stack:
-        max_connections = raise_fd_limit(settings.server.credentials_limits.max_connections)
         if settings.directory.kind == "kubernetes":
             identities = await kubernetes_identities(settings, clock, stack)
         else:
@@ -354,6 +354,7 @@ async def running(
         metrics_sockets = await _sockets([settings.server.metrics_listen], "metrics", inheritance, handoff_path)
         for sock in (*credential_sockets, *metrics_sockets):
             stack.callback(sock.close)
+        max_connections = raise_fd_limit(settings.server.credentials_limits.max_connections)
         tasks: list[asyncio.Task[None]] = []
         for name, work in (("directory", directory.run()), ("signing keys", verifier.run())):
             task = asyncio.create_task(work, name=name)

@@ -337,10 +337,14 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     problems: list[str] = []
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}  # where each value came from, to name it in a problem
+    given: set[str] = set()  # options set on the command line or in the environment, not defaulted
     for option in SERVE_OPTIONS:
         raw: str | Sequence[str] | None = getattr(args, option.dest, None)
         source = option.flag
+        if raw is not None:
+            given.add(option.dest)
         if raw is None and option.env in environ:
+            given.add(option.dest)
             raw = environ[option.env]
             source = option.env
             if option.repeatable:
@@ -361,7 +365,20 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         except ValueError as exc:
             problems.append(f"{source}: {exc}")
             values[option.dest] = None
+    for dest in given & set(_MODE_ONLY):
+        mode = _MODE_ONLY[dest]
+        if values["directory"] is not None and values["directory"] != mode:
+            problems.append(f"{sources[dest]}: only used with --directory {mode}" + (
+                " (the static config file has its own issuer: and audience:)" if mode == "kubernetes" else ""))
     return _build(values, sources, environ, problems)
+
+
+# Options that one directory reads and the other would silently ignore.
+_MODE_ONLY = {
+    "static_config": "static",
+    "kubeconfig": "kubernetes", "node_name": "kubernetes", "annotation_prefix": "kubernetes",
+    "issuer": "kubernetes", "audience": "kubernetes", "token_review": "kubernetes",
+}
 
 
 def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], problems: list[str]) -> Settings:

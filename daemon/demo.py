@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
+import signal
 import statistics
 import sys
 import tempfile
@@ -138,12 +140,16 @@ def _start_pods(args: argparse.Namespace, pods: list[tuple[dict[str, str], str]]
 
 
 def _run(args: argparse.Namespace, out: Any) -> int:
-    from daemon.embedded import DEMO_ACCOUNT, Background, Issuer, MotoSts, free_port, write_token
-
     if args.pods < 1 or args.identities < 1:
         print("irsa-cache demo: --pods and --identities must be at least 1", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="irsa-cache-demo-"))
+    with tempfile.TemporaryDirectory(prefix="irsa-cache-demo-") as workdir_name:
+        return _run_in(args, out, Path(workdir_name))
+
+
+def _run_in(args: argparse.Namespace, out: Any, workdir: Path) -> int:
+    from daemon.embedded import DEMO_ACCOUNT, Background, Issuer, MotoSts, free_port, write_token
+
     issuer = Issuer()
     subjects = [f"system:serviceaccount:team-{i}:app" for i in range(args.identities)]
     roles = {subject: f"arn:aws:iam::{DEMO_ACCOUNT}:role/team-{i}-app" for i, subject in enumerate(subjects)}
@@ -237,5 +243,25 @@ def _print_try_it(out: Any, url: str, workdir: Path, issuer: Any, subject: str, 
     )
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP: leave through the context managers, which stop every child."""
+
+
 def main(args: argparse.Namespace) -> int:
-    return _run(args, sys.stdout)
+    missing = [name for name in ("moto", "boto3") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"irsa-cache: error: demo needs {' and '.join(missing)}, which come with its extra: "
+              "pip install 'irsa-cache[demo]'", file=sys.stderr)
+        return 2
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    try:
+        return _run(args, sys.stdout)
+    except (_Stopped, KeyboardInterrupt) as exc:
+        print(f"irsa-cache demo: stopped ({exc or 'interrupted'}); its processes are stopped and its files removed",
+              file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143

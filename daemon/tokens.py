@@ -95,33 +95,40 @@ CURVE_OF_ALGORITHM = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp
 MAX_KEY_SET_BYTES = 1024 * 1024  # a key set holds a few keys; anything larger is not one
 
 
-def parse_key_set(document: Any) -> dict[str | None, jwt.PyJWK]:
-    """Keys by `kid`. Keys we would never trust are skipped and logged: HMAC and
-    encryption keys, unknown types, RSA keys under 2048 bits, EC keys on a curve other
-    than their algorithm's. Raises ValueError for a document that is not a key set."""
+def parse_key_set(document: Any, skipped: list[str] | None = None) -> dict[str | None, jwt.PyJWK]:
+    """Keys by `kid`. Keys we would never trust are skipped: HMAC and encryption keys,
+    unknown types, RSA keys under 2048 bits, EC keys on a curve other than their
+    algorithm's; each reason is logged, or added to `skipped` if given. Raises ValueError
+    for a document that is not a key set."""
+    def skip(reason: str, *args: Any) -> None:
+        if skipped is None:
+            log.warning(reason, *args)
+        else:
+            skipped.append(reason % args)
+
     raw_keys = document.get("keys") if isinstance(document, Mapping) else None
     if not isinstance(raw_keys, list):
         raise ValueError("not a JSON Web Key Set (no `keys` list)")
     keys: dict[str | None, jwt.PyJWK] = {}
     for raw in raw_keys:
         if not isinstance(raw, dict):
-            log.warning("skipping a key set entry that is not an object")
+            skip("skipping a key set entry that is not an object")
             continue
         kid = raw.get("kid")
         if raw.get("kty") == "oct" or raw.get("use", "sig") != "sig":
-            log.warning("skipping key %s: not an asymmetric signing key", kid)
+            skip("skipping key %s: not an asymmetric signing key", kid)
             continue
         try:
             key = jwt.PyJWK(raw)
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            log.warning("skipping key %s: %s", kid, exc)
+            skip("skipping key %s: %s", kid, exc)
             continue
         if key.algorithm_name not in ALLOWED_ALGORITHMS:
-            log.warning("skipping key %s: algorithm %s is not allowed", kid, key.algorithm_name)
+            skip("skipping key %s: algorithm %s is not allowed", kid, key.algorithm_name)
             continue
         weakness = _weakness(key)
         if weakness:
-            log.warning("skipping key %s: %s", kid, weakness)
+            skip("skipping key %s: %s", kid, weakness)
             continue
         keys[kid if isinstance(kid, str) else None] = key
     return keys
@@ -214,12 +221,17 @@ class TokenVerifier:
             self.issuer = await self._discover_issuer()
             log.info("service-account issuer: %s", self.issuer)
         document = await self._key_source.fetch()
-        keys = parse_key_set(document)
+        skipped: list[str] = []
+        keys = parse_key_set(document, skipped)
         if not keys:
-            raise ValueError(f"the key set from {self._key_source.description} has no usable signing key")
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            raise ValueError(f"the key set from {self._key_source.description} has no usable signing key{why}")
+        for reason in skipped:
+            log.warning("%s", reason)
         self._keys = keys
         self._load_error = None
-        log.info("loaded %d signing keys from %s", len(keys), self._key_source.description)
+        # Debug: a bad configuration found after this must be the only line a user sees.
+        log.debug("loaded %d signing keys from %s", len(keys), self._key_source.description)
 
     async def run(self) -> None:
         """Load the key set (and discover the issuer, if asked to), retrying until it

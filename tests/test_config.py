@@ -27,10 +27,18 @@ def static_file(tmp_path: Path) -> Path:
     return path
 
 
+KUBERNETES_ONLY = {"--kubeconfig", "--node-name", "--annotation-prefix", "--issuer", "--audience", "--token-review"}
+
+
 def base_args(static_file: Path, *, omit: Sequence[str] = ()) -> list[str]:
-    """The least a valid command line needs, minus the flags a test wants to set itself."""
+    """The least a valid command line needs, minus the flags a test wants to set itself; in
+    Kubernetes mode when a flag omitted is one only that mode reads."""
     args: list[str] = []
-    if "--static-config" not in omit:
+    if KUBERNETES_ONLY & set(omit):
+        args += ["--directory", "kubernetes"]
+        if "--node-name" not in omit:
+            args += ["--node-name", "node-a"]
+    elif "--static-config" not in omit:
         args += ["--static-config", str(static_file)]
     if "--region" not in omit:
         args += ["--region", "eu-west-1"]
@@ -192,7 +200,8 @@ def test_the_command_line_wins_over_the_environment(
 
 
 def test_directory_is_read_from_the_environment_and_the_command_line_wins(static_file: Path) -> None:
-    settings = parse(static_file, environ={"IRSA_CACHE_DIRECTORY": "kubernetes", "NODE_NAME": "node-a"})
+    settings = parse(static_file, environ={"IRSA_CACHE_DIRECTORY": "kubernetes", "NODE_NAME": "node-a"},
+                     omit=["--static-config"])
     assert settings.directory.kind == "kubernetes" and settings.directory.node_name == "node-a"
 
     settings = parse(static_file, "--directory", "static", environ={"IRSA_CACHE_DIRECTORY": "kubernetes"})
@@ -200,12 +209,34 @@ def test_directory_is_read_from_the_environment_and_the_command_line_wins(static
 
 
 def test_token_review_is_a_switch(static_file: Path) -> None:
-    assert parse(static_file).directory.token_review is False
-    assert parse(static_file, "--token-review").directory.token_review is True
-    assert parse(static_file, environ={"IRSA_CACHE_TOKEN_REVIEW": "true"}).directory.token_review is True
-    assert problems_of(static_file, environ={"IRSA_CACHE_TOKEN_REVIEW": "maybe"}) == [
-        "IRSA_CACHE_TOKEN_REVIEW: 'maybe' is not true or false"
+    kubernetes = ["--directory", "kubernetes", "--node-name", "n"]
+    assert parse(static_file, *kubernetes, omit=["--static-config"]).directory.token_review is False
+    assert parse(static_file, *kubernetes, "--token-review", omit=["--static-config"]).directory.token_review is True
+    assert parse(static_file, *kubernetes, environ={"IRSA_CACHE_TOKEN_REVIEW": "true"},
+                 omit=["--static-config"]).directory.token_review is True
+    assert problems_of(static_file, *kubernetes, environ={"IRSA_CACHE_TOKEN_REVIEW": "maybe"},
+                       omit=["--static-config"]) == ["IRSA_CACHE_TOKEN_REVIEW: 'maybe' is not true or false"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "name"),
+    [
+        pytest.param(["--issuer", "https://x.test"], {}, "--issuer", id="issuer"),
+        pytest.param(["--audience", "vault"], {}, "--audience", id="audience"),
+        pytest.param(["--token-review"], {}, "--token-review", id="token-review"),
+        pytest.param([], {"IRSA_CACHE_NODE_NAME": "n"}, "IRSA_CACHE_NODE_NAME", id="node-name-env"),
+    ],
+)
+def test_an_option_the_static_directory_would_ignore_is_refused(
+    static_file: Path, argv: list[str], environ: dict[str, str], name: str
+) -> None:
+    assert problems_of(static_file, *argv, environ=environ) == [
+        f"{name}: only used with --directory kubernetes (the static config file has its own issuer: and audience:)"
     ]
+
+
+def test_node_name_from_the_downward_api_is_no_option_and_never_refused(static_file: Path) -> None:
+    assert parse(static_file, environ={"NODE_NAME": "node-a"}).directory.kind == "static"
 
 
 # --- addresses and durations ---
@@ -311,9 +342,10 @@ BAD_VALUES = [
     pytest.param(["--sts-endpoint-url", "ftp://sts.test"], {}, (), "--sts-endpoint-url", "ftp", id="endpoint-not-http"),
     pytest.param(["--log-level", "loud"], {}, (), "--log-level", "loud", id="log-level"),
     pytest.param(["--directory", "ldap"], {}, (), "--directory", "ldap", id="directory-unknown"),
-    pytest.param(["--directory", "kubernetes"], {}, (), "--node-name", "NODE_NAME", id="kubernetes-needs-node-name"),
-    pytest.param(["--directory", "kubernetes", "--node-name", "n", "--kubeconfig", "/nonexistent/kubeconfig"], {}, (),
-                 "--kubeconfig", "/nonexistent/kubeconfig", id="kubeconfig-missing"),
+    pytest.param(["--directory", "kubernetes"], {}, ("--static-config",), "--node-name", "NODE_NAME",
+                 id="kubernetes-needs-node-name"),
+    pytest.param(["--directory", "kubernetes", "--node-name", "n", "--kubeconfig", "/nonexistent/kubeconfig"], {},
+                 ("--static-config",), "--kubeconfig", "/nonexistent/kubeconfig", id="kubeconfig-missing"),
     pytest.param([], {}, ("--region",), "--region", "AWS_REGION", id="missing-region"),
     pytest.param(["--region", "x"], {}, ("--region",), "--region", "'x'", id="bad-region"),
     pytest.param(["--region", "EU-WEST-1"], {}, ("--region",), "--region", "EU-WEST-1", id="region-upper-case"),

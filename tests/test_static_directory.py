@@ -156,6 +156,21 @@ BAD_FILES = [
                  id="identity-not-a-mapping"),
     pytest.param(f"issuer: {ISSUER}\n{_KEYS}{_IDENTITIES}  - subject: system:serviceaccount:a:a\n    role_arn: {ROLE_APP}2\n",
                  "identities[1].subject", "identities[0]", id="duplicate-subject"),
+    pytest.param(f"issuer: {ISSUER}\naudiance: sts.amazonaws.com\n{_KEYS}{_IDENTITIES}", "audiance",
+                 "did you mean 'audience'?", id="misspelt-key"),
+    pytest.param(f"issuer: {ISSUER}\nlogging: debug\n{_KEYS}{_IDENTITIES}", "logging", "known keys: issuer",
+                 id="unknown-key"),
+    pytest.param(f"issuer: {ISSUER}\n{_KEYS}{_IDENTITIES}    rolearn: x\n", "identities[0].rolearn",
+                 "did you mean 'role_arn'?", id="misspelt-identity-key"),
+    pytest.param(f"issuer: oidc.example.test/id/X\n{_KEYS}{_IDENTITIES}", "issuer", "not an https:// URL",
+                 id="issuer-without-scheme"),
+    pytest.param(f"issuer: http://oidc.example.test\n{_KEYS}{_IDENTITIES}", "issuer", "not an https:// URL",
+                 id="issuer-over-http"),
+    pytest.param(f"issuer: {ISSUER}\n{_KEYS}identities:\n  - subject: system:serviceaccount:just-one\n"
+                 f"    role_arn: {ROLE_APP}\n", "identities[0].subject", "<namespace>:<name>",
+                 id="service-account-subject-without-name"),
+    pytest.param(f"issuer: {ISSUER}\n{_KEYS}identities:\n  - subject: 'system:serviceaccount:a:b '\n"
+                 f"    role_arn: {ROLE_APP}\n", "identities[0].subject", "spaces", id="subject-with-a-trailing-space"),
 ]
 
 

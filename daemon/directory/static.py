@@ -14,6 +14,7 @@ An exact subject wins over a pattern; among patterns, the first in the file wins
 from __future__ import annotations
 
 import asyncio
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,28 @@ class StaticDirectory:
         )
 
 
+TOP_LEVEL_KEYS = ("issuer", "audience", "jwks_file", "jwks_url", "identities")
+IDENTITY_KEYS = ("subject", "role_arn")
+_SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+
+
+def _did_you_mean(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
+
+
+def _malformed_subject(subject: str) -> str | None:
+    """Why `subject` cannot be a token's `sub` (or a pattern of them), or None."""
+    if subject != subject.strip() or any(not ch.isprintable() or ch.isspace() for ch in subject):
+        return "holds spaces or control characters, which no token's `sub` has"
+    rest = subject.removeprefix(_SERVICE_ACCOUNT_PREFIX)
+    if rest != subject and "*" not in rest:  # a pattern may span the parts: system:serviceaccount:*
+        parts = rest.split(":")
+        if len(parts) != 2 or not all(parts):
+            return "is not system:serviceaccount:<namespace>:<name>"
+    return None
+
+
 def load_static_config(path: Path) -> tuple[Trust, StaticDirectory]:
     """Read and validate the file; every problem is reported, each on a line naming its field."""
     try:
@@ -102,9 +125,14 @@ def load_static_config(path: Path) -> tuple[Trust, StaticDirectory]:
 
     if not isinstance(document, dict):
         raise ConfigError([f"static config {path}: must be a mapping with issuer, jwks_file or jwks_url, identities"])
+    for key in document:
+        if key not in TOP_LEVEL_KEYS:
+            problem(str(key), f"unknown key{_did_you_mean(str(key), TOP_LEVEL_KEYS)}")
     issuer = document.get("issuer")
     if not isinstance(issuer, str) or not issuer:
         problem("issuer", "required, the `iss` your tokens carry")
+    elif not re.fullmatch(r"https://[^/\s?#]+(/[^\s?#]*)?", issuer):
+        problem("issuer", f"{issuer!r} is not an https:// URL (an OIDC issuer is one, exactly as in the tokens' `iss`)")
     audience = document.get("audience", DEFAULT_AUDIENCE)
     if not isinstance(audience, str) or not audience:
         problem("audience", "must be a non-empty string")
@@ -134,9 +162,15 @@ def load_static_config(path: Path) -> tuple[Trust, StaticDirectory]:
         if not isinstance(item, dict):
             problem(where, "must be a mapping with subject and role_arn")
             continue
+        for key in item:
+            if key not in IDENTITY_KEYS:
+                problem(f"{where}.{key}", f"unknown key{_did_you_mean(str(key), IDENTITY_KEYS)}")
         subject, role_arn = item.get("subject"), item.get("role_arn")
         if not isinstance(subject, str) or not subject:
             problem(f"{where}.subject", "required")
+        elif (reason := _malformed_subject(subject)) is not None:
+            problem(f"{where}.subject", f"{subject!r} {reason}")
+            subject = None
         if not isinstance(role_arn, str) or not ROLE_ARN.fullmatch(role_arn):
             problem(f"{where}.role_arn", f"{role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
         if isinstance(subject, str) and subject in first_seen:
