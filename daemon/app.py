@@ -33,6 +33,7 @@ import logging
 import resource
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -340,6 +341,7 @@ async def running(
 ) -> AsyncIterator[RunningDaemon]:
     """Start every part of the daemon; stop them all on exit. `source` replaces STS in tests."""
     async with contextlib.AsyncExitStack() as stack:
+        metrics.GENERATION_STARTED.set(time.time())
         if settings.directory.kind == "kubernetes":
             identities = await kubernetes_identities(settings, clock, stack)
         else:
