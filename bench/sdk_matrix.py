@@ -7,8 +7,9 @@ One command, real clients, everything on 127.0.0.1:
 
 - **the daemon** runs as deployed, `python -m daemon serve` in a process of its own with
   its default settings (plus any `--serve-arg`), a static directory, STS at the double;
-- **STS** is moto behind tests/sts_double.py, which answers every call after the latency
-  of the row;
+- **STS** is moto behind tests/sts_double.py, which answers the daemon's calls after the
+  latency of the row (the clients' own AWS call, which proves their credentials, goes to
+  moto directly);
 - **pods** are four real clients (tests/sdk_clients): boto3, the AWS CLI v1, the JS SDK
   v3's container provider and a Go program built against Debian's Go SDK v2, each in a
   process of its own, configured only by the environment, each with an identity of its
@@ -87,6 +88,7 @@ async def run(latencies: list[float], serve_args: list[str], bound_seconds: floa
 
 async def _rows(latencies: list[float], listen: str, sts: StsDouble, issuer: Issuer, bound_seconds: float,
                 workdir: Path, serve_args: list[str]) -> dict[str, Any]:
+    moto_url = sts.upstream  # the clients' own AWS call: only the exchange is slowed
     everyone = sdk_clients.clients(workdir)
     skipped = {}
     for client in everyone:
@@ -103,7 +105,7 @@ async def _rows(latencies: list[float], listen: str, sts: StsDouble, issuer: Iss
                     for client in present}
         trials = await asyncio.gather(*(
             sdk_clients.trial(client, daemon_address=listen, token=issuer.mint(subjects[client.name]),
-                              workdir=workdir / f"{client.name}-{latency:g}", sts_url=sts.url,
+                              workdir=workdir / f"{client.name}-{latency:g}", aws_api_url=moto_url,
                               bound_seconds=bound_seconds)
             for client in present))
         calls = {client.name: sum(1 for call in sts.assume_calls

@@ -86,27 +86,27 @@ class ClientTap:
             self._connections.discard(task)
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        writers = [client_writer]
+        pumps: set[asyncio.Task[None]] = set()
         try:
             daemon_reader, daemon_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            client_writer.close()
-            return
-        waiting: deque[Request] = deque()  # asked, not yet answered, in order
-        pumps = {
-            asyncio.create_task(self._requests(client_reader, daemon_writer, waiting)),
-            asyncio.create_task(self._answers(daemon_reader, client_writer, waiting)),
-        }
-        try:
+            writers.append(daemon_writer)
+            waiting: deque[Request] = deque()  # asked, not yet answered, in order
+            pumps = {
+                asyncio.create_task(self._requests(client_reader, daemon_writer, waiting)),
+                asyncio.create_task(self._answers(daemon_reader, client_writer, waiting)),
+            }
             # Whichever side closes, close the other: the daemon must see a client leave.
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        except OSError:
+            pass  # the daemon is not there: the client sees its connection closed
         finally:
             for pump in pumps:
                 pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for writer in (daemon_writer, client_writer):
+            for writer in writers:  # before any await: a cancelled relay still closes both
                 writer.close()
-                with contextlib.suppress(OSError, asyncio.CancelledError):
-                    await writer.wait_closed()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         waiting: deque[Request]) -> None:

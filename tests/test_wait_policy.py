@@ -31,6 +31,7 @@ from daemon import app, config
 from daemon.embedded import Issuer
 from daemon.sts import session_name_for
 from tests.conftest import FakeClock, StartDaemon, metric
+from tests import sdk_clients
 from tests.sdk_clients import BOTOCORE, GO_DEBIAN, JS_FROM_HTTP, Patience
 from tests.sts_double import StsDouble
 
@@ -52,10 +53,7 @@ DEFAULT_HOLD = ("--request-hold", f"{HOLD_SECONDS:g}")
 JS_ENFORCED = Patience(attempt_seconds=1.0, attempts=4, sleep_seconds=1.0, retries_errors=True)
 MODELS = {"botocore": BOTOCORE, "js-v3": JS_FROM_HTTP, "js-v3-enforced": JS_ENFORCED, "go-v2-debian": GO_DEBIAN}
 
-# When the daemon has credentials, relative to STS's delay: moto's own answer and the
-# daemon's work come on top (up to EARLY_SECONDS early counts a client's drift).
-LATE_SECONDS = 0.15
-EARLY_SECONDS = 0.05
+LATE_SECONDS = sdk_clients.LATE_SECONDS
 
 
 @dataclass
@@ -112,30 +110,12 @@ async def fetch_as(patience: Patience, url: str, token: str, *, bound_seconds: f
     return Fetch(attempts)
 
 
-def served_in(patience: Patience, ready_at: float, *, hold: float = HOLD_SECONDS) -> int | None:
-    """The attempt (1, 2, ...) of a client with `patience` that gets credentials the daemon
-    has `ready_at` seconds after the client's first request, or None: it has given up.
-
-    An attempt is served if it is open then or starts later; a client without a timeout
-    is held at most `hold`, then gets a 503 it may retry."""
-    start = 0.0
-    for attempt in range(1, patience.attempts + 1):
-        window = hold if patience.attempt_seconds is None else min(patience.attempt_seconds, hold)
-        if ready_at < start + window:
-            return attempt
-        if patience.attempt_seconds is None and not patience.retries_errors:
-            return None  # the 503 at the end of the hold is final for it
-        start += window + patience.sleep_seconds
-    return None
-
-
 def expected_attempts(patience: Patience, sts_seconds: float, sts_timeout: float = STS_TIMEOUT_SECONDS) -> set[int | None]:
-    """What may happen to a client when STS answers after `sts_seconds`: the attempt that is
-    served (or None), for the earliest and the latest the daemon can have the credentials.
-    STS slower than the daemon's own per-attempt timeout is never heard."""
-    if sts_seconds >= sts_timeout:
-        return {None}
-    return {served_in(patience, sts_seconds - EARLY_SECONDS), served_in(patience, sts_seconds + LATE_SECONDS)}
+    return sdk_clients.expected_attempts(patience, sts_seconds, hold=HOLD_SECONDS, sts_timeout=sts_timeout)
+
+
+def served_in(patience: Patience, ready_at: float) -> int | None:
+    return patience.served_in(ready_at, hold=HOLD_SECONDS)
 
 
 def subject_of(name: str) -> str:

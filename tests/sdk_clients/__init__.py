@@ -52,6 +52,22 @@ class Patience:
     sleep_seconds: float  # between attempts
     retries_errors: bool  # a 5xx answer is tried again
 
+    def served_in(self, ready_at: float, *, hold: float) -> int | None:
+        """The attempt (1, 2, ...) that gets credentials the daemon has `ready_at` seconds
+        after the client's first request, or None: the client has given up by then.
+
+        An attempt is served if it is open then or starts later; a client without a
+        timeout is held at most `hold`, then gets a 503 that it may retry."""
+        start = 0.0
+        for attempt in range(1, self.attempts + 1):
+            window = hold if self.attempt_seconds is None else min(self.attempt_seconds, hold)
+            if ready_at < start + window:
+                return attempt
+            if self.attempt_seconds is None and not self.retries_errors:
+                return None  # the 503 at the end of the hold is final for it
+            start += window + self.sleep_seconds
+        return None
+
     def __str__(self) -> str:
         each = "no timeout" if self.attempt_seconds is None else f"{self.attempt_seconds:g} s each"
         retry = "" if self.attempts == 1 else f", {self.sleep_seconds:g} s apart"
@@ -64,6 +80,22 @@ JS_FROM_HTTP = Patience(attempt_seconds=None, attempts=4, sleep_seconds=1.0, ret
 GO_DEBIAN = Patience(attempt_seconds=None, attempts=1, sleep_seconds=0.0, retries_errors=False)
 
 
+# When the daemon has the credentials, after STS's delay: moto's own answer and the daemon's
+# work come on top; EARLY_SECONDS allows for a client whose later attempts drift late.
+LATE_SECONDS = 0.15
+EARLY_SECONDS = 0.05
+
+
+def expected_attempts(patience: Patience, sts_seconds: float, *, hold: float, sts_timeout: float) -> set[int | None]:
+    """The attempt that may be served (None: the client gives up first) when STS answers
+    after `sts_seconds`, for the earliest and the latest the daemon can have the answer.
+    An STS slower than the daemon's own per-attempt timeout is never heard."""
+    if sts_seconds >= sts_timeout:
+        return {None}
+    return {patience.served_in(sts_seconds - EARLY_SECONDS, hold=hold),
+            patience.served_in(sts_seconds + LATE_SECONDS, hold=hold)}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Pod:
     """What one pod's container is given: the endpoint, its token, the AWS API to call."""
@@ -71,7 +103,7 @@ class Pod:
     credentials_url: str
     token: str
     token_file: Path
-    sts_url: str
+    aws_api_url: str  # where its one AWS call goes (moto itself: only the exchange is slowed)
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -116,7 +148,7 @@ print(json.dumps({"access_key_id": key, "arn": arn, "seconds": seconds}))
 
 
 def _boto3_command(pod: Pod) -> tuple[list[str], dict[str, str]]:
-    return [sys.executable, "-c", BOTO3_SCRIPT, pod.sts_url], pod.environment()
+    return [sys.executable, "-c", BOTO3_SCRIPT, pod.aws_api_url], pod.environment()
 
 
 def aws_cli() -> str:
@@ -128,7 +160,7 @@ def aws_cli() -> str:
 
 
 def _cli_command(pod: Pod) -> tuple[list[str], dict[str, str]]:
-    argv = [aws_cli(), "sts", "get-caller-identity", "--endpoint-url", pod.sts_url, "--output", "json"]
+    argv = [aws_cli(), "sts", "get-caller-identity", "--endpoint-url", pod.aws_api_url, "--output", "json"]
     return argv, pod.environment()
 
 
@@ -172,7 +204,7 @@ def go_command(build_dir: Path) -> Callable[[Pod], tuple[list[str], dict[str, st
         # This SDK reads only the token itself; the _FILE variable is left for the others.
         del env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]
         env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = pod.token
-        return [str(go_client(build_dir)), pod.sts_url], env
+        return [str(go_client(build_dir)), pod.aws_api_url], env
 
     return command
 
@@ -220,7 +252,7 @@ def clients(build_dir: Path) -> list[SdkClient]:
 def missing(client: SdkClient, build_dir: Path) -> str | None:
     """Why `client` cannot run here, or None."""
     pod = Pod(credentials_url="http://127.0.0.1:1/v1/credentials", token="x", token_file=build_dir / "none",
-              sts_url="http://127.0.0.1:1")
+              aws_api_url="http://127.0.0.1:1")
     try:
         client.command(pod)
     except Missing as exc:
@@ -260,14 +292,14 @@ class Trial:
         return f"{self.client.name}: {outcome}, {len(self.requests)} request(s) [{statuses}]{timing}{said}"
 
 
-async def trial(client: SdkClient, *, daemon_address: str, token: str, workdir: Path, sts_url: str,
+async def trial(client: SdkClient, *, daemon_address: str, token: str, workdir: Path, aws_api_url: str,
                 bound_seconds: float) -> Trial:
     """Run `client` once against the daemon at `daemon_address`, through a tap of its own;
     kill it if it has not finished after `bound_seconds`."""
     tap = await ClientTap(daemon_address).start()
     workdir.mkdir(parents=True, exist_ok=True)
     pod = Pod(credentials_url=tap.credentials_url, token=token, token_file=write_token(workdir / "token", token),
-              sts_url=sts_url)
+              aws_api_url=aws_api_url)
     argv, env = client.command(pod)
     bounded = False
     try:
