@@ -110,7 +110,9 @@ async def fetch_as(patience: Patience, url: str, token: str, *, bound_seconds: f
     return Fetch(attempts)
 
 
-def expected_attempts(patience: Patience, sts_seconds: float, sts_timeout: float = STS_TIMEOUT_SECONDS) -> set[int | None]:
+def expected_attempts(
+    patience: Patience, sts_seconds: float, sts_timeout: float = STS_TIMEOUT_SECONDS
+) -> set[int | None]:
     return sdk_clients.expected_attempts(patience, sts_seconds, hold=HOLD_SECONDS, sts_timeout=sts_timeout)
 
 
@@ -127,7 +129,7 @@ async def fetch_all(daemon: app.RunningDaemon, issuer: Issuer, **bound: float) -
     fetches = await asyncio.gather(*(
         fetch_as(patience, daemon.credentials_url, issuer.mint(subject_of(name)), **bound)
         for name, patience in MODELS.items()))
-    return dict(zip(MODELS, fetches))
+    return dict(zip(MODELS, fetches, strict=True))
 
 
 def sts_calls_by_client(sts: StsDouble) -> dict[str, int]:
@@ -181,7 +183,7 @@ async def test_with_the_defaults_a_client_that_waits_is_served_when_sts_answers_
         fetch_as(patience, daemon.credentials_url, issuer.mint(subject_of(name)), bound_seconds=8.0 + 2.0)
         for name, patience in waiting.items()))
 
-    for name, fetch in zip(waiting, fetches):
+    for name, fetch in zip(waiting, fetches, strict=True):
         assert fetch.statuses == [200], (name, fetch.statuses)
         assert sum(1 for call in sts.assume_calls if call.session_name == session_name_for(subject_of(name))) == 1
 
@@ -239,7 +241,7 @@ async def test_a_pod_whose_credentials_are_under_the_floor_gets_them_at_once_whi
     fetches = await asyncio.gather(*(fetch_as(MODELS[name], daemon.credentials_url, token)
                                      for name, token in tokens.items()))
 
-    for name, fetch in zip(MODELS, fetches):
+    for name, fetch in zip(MODELS, fetches, strict=True):
         (attempt,) = fetch.attempts
         assert attempt.status == 200, (name, fetch.statuses)
         assert attempt.ended - attempt.started < REFRESH_WAIT_SECONDS + 0.3, name  # a fraction of a second
