@@ -114,6 +114,7 @@ async def check_credentials(row: Row, sts: StsDouble) -> None:
         for name, trial in row.trials.items():
             if not trial.ok:
                 continue
+            assert trial.output, f"{name} said nothing: {trial.stderr[-300:]}"
             session = session_name_for(subject_of(name, row.sts_seconds))
             assert sum(1 for call in sts.assume_calls if call.session_name == session) == 1, name
             held = await fetch(http, row.daemon, row.tokens[name])  # a hit: what the daemon gave
@@ -123,7 +124,6 @@ async def check_credentials(row: Row, sts: StsDouble) -> None:
             if "arn" in trial.output or "Arn" in trial.output:  # its AWS call proves the role
                 arn = trial.output.get("arn") or trial.output["Arn"]
                 assert arn == f"arn:aws:sts::{DEMO_ACCOUNT}:assumed-role/batch/{session}", name
-            assert trial.output, f"{name} said nothing: {trial.stderr[-300:]}"
 
 
 @pytest.mark.parametrize("sts_seconds", [

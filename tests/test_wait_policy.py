@@ -168,6 +168,7 @@ async def test_every_client_is_served_as_soon_as_its_patience_allows(
     assert sts_calls_by_client(sts) == dict.fromkeys(MODELS, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "--sts-timeout (5 s by default) cuts each STS attempt before an 8 s answer: the exchange "
     "makes 5 calls and fails after ~26 s with 504 sts_timeout, although STS answers well within "
