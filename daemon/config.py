@@ -292,7 +292,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--region", str, None, "AWS region of the STS endpoint (default: AWS_REGION, then AWS_DEFAULT_REGION)"),
     Option("--sts-endpoint-url", parse_url, None, "STS endpoint (default: https://sts.<region>.amazonaws.com)", metavar="URL"),
     Option("--session-duration", parse_duration, "3600", "DurationSeconds asked of STS (900..43200 s)", metavar="SECONDS"),
-    Option("--sts-timeout", parse_duration, "5", "timeout of one STS attempt", metavar="SECONDS"),
+    Option("--sts-timeout", parse_duration, "10", "how long one STS attempt may wait for STS's answer (connecting: at most 3 s)", metavar="SECONDS"),
     Option("--serve-floor", parse_duration, "960", "never serve credentials with less left while a refresh is possible", metavar="SECONDS"),
     Option("--refresh-jitter", parse_fraction, "0.1", "refresh at half the lifetime +/- this fraction of it", metavar="FRACTION"),
     Option("--request-hold", parse_duration, "30", "a caller with nothing cached waits at most this for its STS exchange (which runs on), then gets 503 + Retry-After", metavar="SECONDS"),

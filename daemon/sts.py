@@ -45,6 +45,7 @@ _DENIALS = {
 _PASSING_DENIALS = {"InvalidIdentityToken"}
 THROTTLING_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
 
+CONNECT_TIMEOUT_SECONDS = 3.0
 _SESSION_NAME_MAX = 64
 _SESSION_NAME_BAD_CHARS = re.compile(r"[^\w+=,.-]", re.ASCII)  # STS's set, less '@': the digest's mark
 # A Kubernetes namespace is a DNS label (no dots); a ServiceAccount name a DNS subdomain.
@@ -175,7 +176,8 @@ class StsSource:
     async def __aenter__(self) -> StsSource:
         config = Config(
             signature_version=UNSIGNED,
-            connect_timeout=self._timeout,
+            # A refused or black-holed STS shows in seconds; a slow answer is waited for.
+            connect_timeout=min(self._timeout, CONNECT_TIMEOUT_SECONDS),
             read_timeout=self._timeout,
             retries={"mode": "standard", "total_max_attempts": 1},  # retries are limiter.py's
             user_agent_extra="irsa-cache",

@@ -99,10 +99,6 @@ def serve_args(static_config: Path, sts_url: str, *extra: str) -> list[str]:
         "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
         "--static-config", str(static_config), "--region", "us-east-1",
         "--sts-endpoint-url", sts_url,
-        # On a loaded 2-core machine moto can take longer than the 1.5 s a caller waits by
-        # default; tests about something else should not see that 503. The hold itself is
-        # tested in test_cache.py and test_limiter.py (which pass their own, later flag wins).
-        "--request-hold", "20",
         *extra,
     ]
 
@@ -227,7 +223,7 @@ async def start_k8s_daemon(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path) ->
             settings = config.parse_serve_args(
                 ["--directory", "kubernetes", "--kubeconfig", str(kubeconfig), "--node-name", NODE,
                  "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--region", "us-east-1",
-                 "--sts-endpoint-url", sts.url, "--request-hold", "20", *extra],
+                 "--sts-endpoint-url", sts.url, *extra],
                 environ={},
             )
             if adjust is not None:

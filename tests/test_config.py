@@ -70,7 +70,7 @@ def test_defaults(static_file: Path) -> None:
     assert settings.sts.endpoint_url == "https://sts.eu-west-1.amazonaws.com"
     assert settings.sts.session_duration_seconds == 3600
     assert isinstance(settings.sts.session_duration_seconds, int)
-    assert settings.sts.timeout_seconds == 5
+    assert settings.sts.timeout_seconds == 10
     assert settings.cache.serve_floor_seconds == 960
     assert settings.cache.refresh_jitter == 0.1
     assert settings.cache.idle_evict_seconds == 3600
