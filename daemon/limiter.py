@@ -70,6 +70,9 @@ class StsBudget:
         self._cubic = CubicCalculator(starting_max_rate=policy.rate_per_second, start_time=now)
         self._last_cut = -math.inf
         self._throttled_since_success = False
+        # Resolved once: this runs on every grant and release.
+        self._waiting_series = (metrics.STS_WAITING.labels(priority="caller"),
+                                metrics.STS_WAITING.labels(priority="refresh"))
         metrics.STS_BUDGET_RATE.set(self.rate)
 
     @property
@@ -168,10 +171,10 @@ class StsBudget:
             self._wakeup = self._loop.call_at(now + due_in, self._dispatch)
 
     def _publish_queue(self) -> None:
-        for priority in Priority:
-            metrics.STS_WAITING.labels(priority=priority.name.lower()).set(
-                sum(1 for t in self._waiting if t.priority is priority)
-            )
+        callers = sum(1 for t in self._waiting if t.priority is Priority.CALLER)
+        caller_series, refresh_series = self._waiting_series
+        caller_series.set(callers)
+        refresh_series.set(len(self._waiting) - callers)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,9 +7,13 @@ Call sites use `metrics.NAME`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
+from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 NAMESPACE = "irsa_cache"
 
@@ -145,3 +149,44 @@ def _create_known_series() -> None:
 
 
 _create_known_series()
+
+
+class _Mute:
+    """Stands in for any metric or series: every update does nothing."""
+
+    def labels(self, *args: object, **kwargs: object) -> _Mute:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Within: every metric of this module is a no-op (restored on exit).
+
+    For `irsa-cache simulate`, which runs thousands of the daemon's caches and budgets in
+    one process: their updates must not reach this process's registry, and on the hot
+    path of a simulation they cost time for nothing. Call sites read `metrics.NAME` when
+    they update, so swapping the module's attributes reaches them all. Not for a process
+    that also serves requests: the swap is process-wide.
+    """
+    module = sys.modules[__name__]
+    saved = {name: value for name, value in vars(module).items() if isinstance(value, MetricWrapperBase)}
+    mute = _Mute()
+    try:
+        for name in saved:
+            setattr(module, name, mute)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
