@@ -1,5 +1,6 @@
 """The `irsa-cache` command: `serve` runs the daemon, `init-network` puts its link-local
-addresses on the node (the DaemonSet's init container), `demo` shows it working end to end."""
+addresses on the node (the DaemonSet's init container), `demo` shows it working end to end,
+`simulate` plays a whole cluster against STS's quota on a virtual clock."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon import demo as demo_module  # imports moto and boto3: only for this command
 
     demo_module.add_arguments(demo)
+    from daemon.simulate import cli as simulate_cli
+
+    simulate = commands.add_parser(
+        "simulate", help="simulate a cluster's STS traffic: direct IRSA, a per-pod cache and irsa-cache side by side",
+        description=simulate_cli.__doc__.split("\n\n")[0],
+    )
+    simulate_cli.add_arguments(simulate)
     return parser
 
 
@@ -41,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon import demo
 
         return demo.main(args)
+    if args.command == "simulate":
+        from daemon.simulate import cli as simulate_cli
+
+        return simulate_cli.main(args)
     try:
         settings = config.settings_from(args)
         logs.configure(settings.log_level)
