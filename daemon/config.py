@@ -36,6 +36,7 @@ MAINTENANCE_INTERVAL_SECONDS = 1.0  # how often the cache looks for due refreshe
 STS_MIN_RATE_PER_SECOND = 0.5  # throttling never cuts the budget below this
 STS_MAX_ATTEMPTS = 5  # per exchange, for passing failures
 STS_EXCHANGE_DEADLINE_SECONDS = 30.0  # an exchange gives up after this, retries included
+DAEMONSET_READ_INTERVAL_SECONDS = 30.0  # --sts-cluster-rate: how often the node count is read
 
 
 @dataclass(frozen=True)

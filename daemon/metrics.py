@@ -97,6 +97,24 @@ STS_BUDGET_WAIT = Histogram(
     namespace=NAMESPACE,
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+STS_BUDGET_SHARE = Gauge(
+    "sts_budget_share",
+    "With --sts-cluster-rate: this node's guaranteed STS rate, the cluster's rate over the node count "
+    "(0: the per-node budget).",
+    namespace=NAMESPACE,
+)
+STS_CLUSTER_NODES = Gauge(
+    "sts_cluster_nodes",
+    "With --sts-cluster-rate: the nodes sharing the cluster's STS rate (the DaemonSet's "
+    "desiredNumberScheduled; 0 until read).",
+    namespace=NAMESPACE,
+)
+DAEMONSET_READS = Counter(
+    "daemonset_reads",
+    "Reads of the daemon's own DaemonSet for the shared STS budget's node count, by result (ok, error).",
+    ["result"],
+    namespace=NAMESPACE,
+)
 STS_RETRIES = Counter(
     "sts_retries", "STS attempts retried after a passing failure, by reason.", ["reason"], namespace=NAMESPACE
 )
@@ -144,6 +162,8 @@ def _create_known_series() -> None:
             WATCH_RESTARTS.labels(informer=informer, reason=reason)
     for reason in EVICTION_REASONS:
         EVICTIONS.labels(reason=reason)
+    for result in ("ok", "error"):
+        DAEMONSET_READS.labels(result=result)
     for result in TOKEN_RESULTS:
         TOKEN_VERIFICATIONS.labels(result=result)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import sys
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,25 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def _close_the_loop_made_for_a_sync_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """looptime's plugin asks the event loop policy for a loop even in a sync test, which
+    creates one that nobody closes; its ResourceWarning would then fail whichever test the
+    garbage collector happens to run in (a simulation allocates enough to make that soon).
+    Close it where it was made. (tests/test_deploy.py has had the same fixture.)"""
+    yield
+    if not inspect.iscoroutinefunction(request.function):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:  # none set: nothing was made
+            return
+        if not loop.is_running():
+            loop.close()
+            asyncio.set_event_loop(None)
 
 
 @pytest.fixture(scope="session")

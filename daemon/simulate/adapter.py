@@ -94,10 +94,14 @@ class ModelledSts:
 
 
 class _Generation:
-    """One DaemonSet pod's process: its budget, and the source that calls STS through it."""
+    """One DaemonSet pod's process: its budget (and its part of a shared one), and the source
+    that calls STS through it. It knows the node count at once (the daemon reads it at start)."""
 
     def __init__(self, daemon: SimulatedDaemon) -> None:
-        self.source = app.budgeted(daemon.sts, daemon.sts_settings)
+        self.share = app.cluster_share(daemon.sts_settings)
+        if self.share is not None:
+            self.share.set_nodes(daemon.nodes())
+        self.source = app.budgeted(daemon.sts, daemon.sts_settings, self.share)
 
 
 class _NodeSource:
@@ -123,16 +127,23 @@ class SimulatedDaemon:
     """irsa-cache on one node: the real cache and budget, driven on the virtual loop."""
 
     def __init__(self, *, loop: VirtualTimeLoop, knobs: DaemonKnobs, sts: ModelledSts,
-                 in_use: Callable[[CacheKey], bool]) -> None:
+                 in_use: Callable[[CacheKey], bool], nodes: Callable[[], int]) -> None:
         self.loop = loop
         self.knobs = knobs
         self.sts = sts
         self.in_use = in_use
+        self.nodes = nodes  # the DaemonSet's desiredNumberScheduled
+        cluster = None
+        if knobs.cluster_rate_per_second is not None:
+            cluster = config.ClusterBudgetSettings(
+                rate_per_second=knobs.cluster_rate_per_second,
+                burst=knobs.cluster_burst or max(1, math.ceil(knobs.cluster_rate_per_second)),
+                daemonset_namespace="simulated", daemonset_name="irsa-cache")
         self.sts_settings = config.StsSettings(
             region="simulated", endpoint_url="http://sts.simulated.invalid",
             session_duration_seconds=int(knobs.session_duration_seconds), timeout_seconds=5.0,
             rate_per_second=knobs.sts_rate_per_second, burst=knobs.sts_burst,
-            concurrency=knobs.sts_concurrency, max_queued=knobs.sts_queue,
+            concurrency=knobs.sts_concurrency, max_queued=knobs.sts_queue, cluster=cluster,
         )
         self.up = True
         self.generation = _Generation(self)
@@ -213,6 +224,11 @@ class SimulatedDaemon:
             self._schedule_maintenance(at)
 
     # --- the DaemonSet pod's life ---
+
+    def nodes_changed(self) -> None:
+        """The DaemonSet's node count changed: the shared budget follows (at once, here)."""
+        if self.generation.share is not None:
+            self.generation.share.set_nodes(self.nodes())
 
     def stop(self) -> None:
         """The process ends: exchanges under way are cancelled, nothing answers."""

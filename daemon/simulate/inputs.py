@@ -172,7 +172,11 @@ def placement(inputs: Inputs, rng: random.Random) -> list[int]:
         return [(identity * per_identity + replica) % nodes
                 for identity in range(inputs.identities) for replica in range(per_identity)]
     if inputs.placement == "packed":
-        return [n // MAX_PODS_PER_NODE for n in range(inputs.pods)]
+        # Deployments scaled together: their pods arrive interleaved, and each node is
+        # filled before the next, so every busy node runs every identity.
+        identities = inputs.identities
+        return [(replica * identities + identity) // MAX_PODS_PER_NODE
+                for identity in range(identities) for replica in range(per_identity)]
     return [rng.randrange(nodes) for _ in range(inputs.pods)]
 
 

@@ -18,7 +18,7 @@ from daemon.simulate.vloop import VirtualTimeLoop
 
 class IrsaCacheEndpoint:
     def __init__(self, *, loop: VirtualTimeLoop, knobs: DaemonKnobs, sts: adapter.ModelledSts,
-                 identities: int) -> None:
+                 identities: int, nodes: int) -> None:
         self._loop = loop
         self._knobs = knobs
         self._sts = sts
@@ -27,6 +27,8 @@ class IrsaCacheEndpoint:
         self._tokens = adapter.Tokens()
         self._live: Counter[tuple[int, int]] = Counter()  # (node, identity) -> live pods
         self.daemons: dict[int, adapter.SimulatedDaemon] = {}
+        self.node_count = nodes  # what the DaemonSet's status says
+        self._count_pending = False
 
     def daemon(self, node: int) -> adapter.SimulatedDaemon:
         daemon = self.daemons.get(node)
@@ -35,7 +37,7 @@ class IrsaCacheEndpoint:
                 return self._live[(node, self._identity_of[key])] > 0  # type: ignore[index]
 
             daemon = self.daemons[node] = adapter.SimulatedDaemon(
-                loop=self._loop, knobs=self._knobs, sts=self._sts, in_use=in_use)
+                loop=self._loop, knobs=self._knobs, sts=self._sts, in_use=in_use, nodes=lambda: self.node_count)
         return daemon
 
     def request(self, pod: Pod, reply: Reply) -> Request | None:
@@ -57,6 +59,26 @@ class IrsaCacheEndpoint:
 
     def stop_node(self, node: int) -> None:
         self.daemon(node).stop()
+
+    def node_added(self, node: int) -> None:
+        self._count(+1)
+
+    def node_removed(self, node: int) -> None:
+        self.daemon(node).stop()
+        self.daemons.pop(node, None)
+        self._count(-1)
+
+    def _count(self, change: int) -> None:
+        """Nodes join and leave in waves: tell the daemons once per wave, not once per node."""
+        self.node_count += change
+        if not self._count_pending:
+            self._count_pending = True
+            self._loop.call_soon(self._publish_count)
+
+    def _publish_count(self) -> None:
+        self._count_pending = False
+        for daemon in self.daemons.values():
+            daemon.nodes_changed()
 
     def start_node(self, node: int, *, handoff: bool) -> None:
         self.daemon(node).start(handoff=handoff)

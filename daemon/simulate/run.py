@@ -80,6 +80,8 @@ class _Run:
         self.stopped = False
         self.stop_node: Callable[[int], None] = lambda node: None
         self.start_node: Callable[[int], None] = lambda node: None
+        self.node_added: Callable[[int], None] = lambda node: None
+        self.node_removed: Callable[[int], None] = lambda node: None
         on_start: Callable[[Pod], None] = lambda pod: None
         on_stop: Callable[[Pod], None] = lambda pod: None
         fetcher: Fetcher
@@ -92,14 +94,17 @@ class _Run:
             fetcher = ContainerClient(loop=loop, endpoint=agents)
             on_stop = agents.pod_stopped
             self.stop_node, self.start_node = agents.stop_node, agents.start_node
+            self.node_removed = agents.stop_node
         else:
             sts = adapter.ModelledSts(loop=loop, account=self.account,
                                       session_seconds=inputs.daemon.session_duration_seconds)
-            daemons = IrsaCacheEndpoint(loop=loop, knobs=inputs.daemon, sts=sts, identities=inputs.identities)
+            daemons = IrsaCacheEndpoint(loop=loop, knobs=inputs.daemon, sts=sts, identities=inputs.identities,
+                                        nodes=inputs.nodes)
             fetcher = ContainerClient(loop=loop, endpoint=daemons)
             on_start, on_stop = daemons.pod_started, daemons.pod_stopped
             self.stop_node = daemons.stop_node
             self.start_node = lambda node: daemons.start_node(node, handoff=inputs.handoff)
+            self.node_added, self.node_removed = daemons.node_added, daemons.node_removed
         self.fleet = Fleet(loop=loop, fetcher=fetcher, recorder=self.recorder, rng=self.rng,
                            on_start=on_start, on_stop=on_stop)
         self.fleet.on_settled = self._settled
@@ -112,6 +117,7 @@ class _Run:
             loop.schedule(restart.at, self.stop_node, restart.node)
             loop.schedule(restart.back_at, self.start_node, restart.node)
         for replacement in plan.replacements:
+            loop.schedule(replacement.at, self.node_added, replacement.new)
             loop.schedule(replacement.pods_at, self._replace, (replacement.old, replacement.new))
         if plan.fixed_end is not None:
             loop.schedule(plan.fixed_end, self._stop, None)
@@ -122,7 +128,7 @@ class _Run:
     def _replace(self, item: tuple[int, int]) -> None:
         old, new = item
         self.fleet.drain(old, new)
-        self.stop_node(old)
+        self.node_removed(old)
 
     def _settled(self) -> None:
         if self.plan.fixed_end is None and self.loop.time() >= self.plan.last_event_at:
