@@ -13,10 +13,10 @@ slice is wasted while a busy one crawls at its own. Here each node:
   read every `DAEMONSET_READ_INTERVAL_SECONDS`; the share, and so the floor, falls
   as nodes are added;
 - borrows above its share while it has exchanges waiting and STS does not throttle
-  it: once a second (`raise_interval_seconds`), after a success, its rate grows,
+  it: every `raise_interval_seconds` at most, after a success, its rate grows,
   first by a quarter, then faster (x1.5, x2, x3, ...) up to the whole cluster
-  rate, so a few busy nodes get the quota idle ones leave within seconds, while the
-  first step of many busy nodes overshoots the account by a quarter at most;
+  rate, so a few busy nodes get the quota idle ones leave within a second or two,
+  while the first step of many busy nodes overshoots the account by a quarter;
 - on `Throttling` falls back to its share at once, spends its bucket, and does not
   borrow again for a while: 1-2x `hold_first_seconds`, doubling with every wave of
   throttling up to `hold_max_seconds`, back to the first after `calm_seconds`
@@ -51,7 +51,7 @@ FIRST_STEP = 0.25  # the first raise above the share: +25 %
 class SharePolicy:
     rate_per_second: float  # the whole cluster's
     burst: int  # the whole cluster's
-    raise_interval_seconds: float = 1.0
+    raise_interval_seconds: float = 0.25
     hold_first_seconds: float = 10.0
     hold_max_seconds: float = 300.0
     calm_seconds: float = 60.0

@@ -53,9 +53,9 @@ def test_borrowing_grows_while_exchanges_wait_and_stops_at_the_cluster_rate() ->
     share.succeeded(0.0, backlog=False)
     assert share.rate == 6  # nothing waiting: nothing to borrow for
     rates = []
-    for second in range(1, 7):
-        share.succeeded(float(second), backlog=True)
-        share.succeeded(second + 0.5, backlog=True)  # at most one step a second
+    for step in range(1, 7):
+        share.succeeded(step * 0.25, backlog=True)
+        share.succeeded(step * 0.25 + 0.1, backlog=True)  # at most one step a quarter of a second
         rates.append(share.rate)
 
     assert rates == pytest.approx([7.5, 11.25, 22.5, 67.5, 337.5, 600])  # +25 %, x1.5, x2, x3, x5, the cap
@@ -92,7 +92,7 @@ def test_idle_time_undoes_borrowing() -> None:
         share.succeeded(float(second), backlog=True)
     assert share.rate == 67.5
 
-    share.resume(idle_seconds=2.0)  # halves every second of idleness
+    share.resume(idle_seconds=0.5)  # halves every quarter of a second of idleness
     assert share.rate == pytest.approx(67.5 / 4)
     share.resume(idle_seconds=30.0)
     assert share.rate == 6

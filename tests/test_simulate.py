@@ -116,7 +116,9 @@ def test_against_a_small_quota_direct_pods_are_throttled_and_irsa_cache_is_not()
     assert direct.throttled > 400  # 400 pods at once against 20 calls/s
     assert direct.sts_calls == 400
     assert direct.peak_calls_per_second > 20
-    assert cached.sts_calls == 40 and cached.throttled <= 2  # the shared budget keeps to the quota
+    assert cached.sts_calls == 40
+    assert cached.throttled < 10  # the shared budget keeps to the quota: a probe above the share costs a node
+    # about one throttled answer, not one per pod
     assert cached.peak_calls_per_second <= 20 + 20  # the rate and one burst
 
 
