@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon import app, config
 from daemon.embedded import Issuer
 from tests.conftest import ROLE_A, fetch
-from tests.k8s_double import K8sApiDouble, identity_for, pod, service_account
+from tests.k8s_double import K8sApiDouble, daemon_set, identity_for, pod, service_account
 from tests.sts_double import StsDouble
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,7 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
 DAEMONSET = DEPLOY / "daemonset.yaml"
 TOKEN_REVIEW = DEPLOY / "token-review.yaml"
+CLUSTER_BUDGET = DEPLOY / "cluster-budget.yaml"
 APP_EXAMPLE = DEPLOY / "examples" / "app.yaml"
 RULES = DEPLOY / "prometheus-rules.yaml"
 RULES_TEST = DEPLOY / "prometheus-rules.test.yaml"
@@ -164,7 +165,8 @@ def _expand(text: str, env: Mapping[str, str]) -> str:
 
 
 def container_environment(container: Mapping[str, Any], docs: list[dict[str, Any]], node_name: str) -> dict[str, str]:
-    """The environment the kubelet gives the container: values, the downward API, ConfigMaps."""
+    """The environment the kubelet gives the container: values, the downward API, ConfigMaps
+    (an optional key that is absent sets nothing)."""
     namespace = daemonset()["metadata"]["namespace"]
     env: dict[str, str] = {}
     for var in container.get("env", []):
@@ -173,12 +175,15 @@ def container_environment(container: Mapping[str, Any], docs: list[dict[str, Any
             continue
         source = var["valueFrom"]
         if "fieldRef" in source:
-            assert source["fieldRef"]["fieldPath"] == "spec.nodeName", source
-            env[var["name"]] = node_name
+            field_path = source["fieldRef"]["fieldPath"]
+            assert field_path in ("spec.nodeName", "metadata.namespace"), source
+            env[var["name"]] = node_name if field_path == "spec.nodeName" else namespace
         elif "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
             config_map = find(docs, "ConfigMap", ref["name"])
             assert config_map["metadata"]["namespace"] == namespace
+            if ref["key"] not in config_map["data"] and ref.get("optional"):
+                continue
             assert ref["key"] in config_map["data"], f"ConfigMap {ref['name']} has no key {ref['key']}"
             env[var["name"]] = config_map["data"][ref["key"]]
         else:
@@ -201,6 +206,7 @@ def test_the_daemon_container_args_parse_with_the_daemons_own_flags() -> None:
     assert settings.directory.kubeconfig is None  # in-cluster service account
     assert settings.directory.token_review is False  # deploy/token-review.yaml is optional
     assert settings.sts.region == find(docs, "ConfigMap", "irsa-cache")["data"]["AWS_REGION"]
+    assert settings.sts.cluster is None  # the shared budget is opt-in (STS_CLUSTER_RATE)
     assert [str(a) for a in settings.server.listen] == ["169.254.170.23:80"]
     metrics_port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
     assert settings.server.metrics_listen == config.Address("0.0.0.0", metrics_port)
@@ -337,22 +343,26 @@ def granted_by(role: Mapping[str, Any]) -> set[Permission]:
 
 
 @contextlib.asynccontextmanager
-async def kubernetes_daemon(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path, *extra: str) -> AsyncIterator[app.RunningDaemon]:
+async def kubernetes_daemon(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path, *extra: str,
+                            environ: Mapping[str, str] | None = None) -> AsyncIterator[app.RunningDaemon]:
     settings = config.parse_serve_args(
         ["--directory", "kubernetes", "--kubeconfig", str(k8s.write_kubeconfig(tmp_path / "kubeconfig")),
          "--node-name", NODE, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
          "--region", "us-east-1", "--sts-endpoint-url", sts.url, "--request-hold", "20", *extra],
-        environ={},
+        environ=dict(environ or {}),
     )
     async with app.running(settings) as daemon:
         yield daemon
 
 
-async def recorded_permissions(issuer: Issuer, sts: StsDouble, tmp_path: Path, *extra: str) -> set[Permission]:
+async def recorded_permissions(issuer: Issuer, sts: StsDouble, tmp_path: Path, *extra: str,
+                               environ: Mapping[str, str] | None = None) -> set[Permission]:
     """Run the daemon against the API double through everything that reaches the API server."""
     async with contextlib.AsyncExitStack() as stack:
         k8s = await K8sApiDouble(issuer=issuer.url, jwks=issuer.jwks()).start()
         stack.push_async_callback(k8s.stop)
+        ds = daemonset()
+        k8s.create(daemon_set(ds["metadata"]["namespace"], ds["metadata"]["name"], desired=3))
         account = k8s.create(service_account("shop", "checkout", ROLE_A))
         here = k8s.create(pod("shop", "checkout-1", NODE, "checkout"))
         # A pod the node's informer never sees: to the daemon, a pod too new for the
@@ -365,7 +375,7 @@ async def recorded_permissions(issuer: Issuer, sts: StsDouble, tmp_path: Path, *
             tokens[meta["name"]] = token
             k8s.token_reviews[token] = identity_for(account, bound)  # what TokenReview answers (--token-review)
         http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)))
-        daemon = await stack.enter_async_context(kubernetes_daemon(k8s, sts, tmp_path, *extra))
+        daemon = await stack.enter_async_context(kubernetes_daemon(k8s, sts, tmp_path, *extra, environ=environ))
         await k8s.wait_for_watches(2)
 
         assert (await fetch(http, daemon, tokens["checkout-1"])).status == 200
@@ -412,6 +422,28 @@ async def test_the_optional_token_review_role_adds_exactly_what_token_review_mod
     assert extra == {("authentication.k8s.io", "tokenreviews", "create")} <= used
     binding = find(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == "irsa-cache-token-review"
+    assert binding["subjects"] == find(documents(DAEMONSET), "ClusterRoleBinding")["subjects"]
+
+
+async def test_the_optional_cluster_budget_role_adds_exactly_what_the_shared_budget_calls(
+    issuer: Issuer, sts: StsDouble, tmp_path: Path
+) -> None:
+    base = granted_by(find(documents(DAEMONSET), "ClusterRole", "irsa-cache"))
+    docs = documents(CLUSTER_BUDGET)
+    role = find(docs, "Role", "irsa-cache-cluster-budget")
+    # The daemon's environment as the manifest sets it, with STS_CLUSTER_RATE in the ConfigMap.
+    environ = container_environment(main_container(), documents(DAEMONSET), NODE)
+    environ["IRSA_CACHE_STS_CLUSTER_RATE"] = "500"
+
+    used = await recorded_permissions(issuer, sts, tmp_path, environ=environ)
+
+    assert used - base == granted_by(role) == {("apps", "daemonsets", "get")}
+    ds = daemonset()
+    assert role["metadata"]["namespace"] == ds["metadata"]["namespace"] == environ["POD_NAMESPACE"]
+    assert role["rules"][0]["resourceNames"] == [ds["metadata"]["name"]] == [environ["DAEMONSET_NAME"]]
+    binding = find(docs, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "irsa-cache-cluster-budget"}
     assert binding["subjects"] == find(documents(DAEMONSET), "ClusterRoleBinding")["subjects"]
 
 
