@@ -14,9 +14,9 @@ slice is wasted while a busy one crawls at its own. Here each node:
   as nodes are added;
 - borrows above its share while it has exchanges waiting and STS does not throttle
   it: every `raise_interval_seconds` at most, after a success, its rate grows,
-  first by a quarter, then faster (x1.5, x2, x3, ...) up to the whole cluster
-  rate, so a few busy nodes get the quota idle ones leave within a second or two,
-  while the first step of many busy nodes overshoots the account by a quarter;
+  first by a quarter, then by half, then doubling, up to the whole cluster rate,
+  so a few busy nodes get the quota idle ones leave within a second or two, while
+  the first step of many busy nodes overshoots the account by a quarter;
 - on `Throttling` falls back to its share at once, spends its bucket, and does not
   borrow again for a while: 1-2x `hold_first_seconds`, doubling with every wave of
   throttling up to `hold_max_seconds`, back to the first after `calm_seconds`
@@ -45,6 +45,7 @@ from daemon import metrics
 log = logging.getLogger(__name__)
 
 FIRST_STEP = 0.25  # the first raise above the share: +25 %
+MAX_STEP = 1.0  # then +50 %, then doubling at most
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +129,7 @@ class ClusterShare:
         if self.level >= self.nodes:
             return
         self.level = min(float(self.nodes), self.level * (1.0 + self._step))
-        self._step *= 2
+        self._step = min(self._step * 2, MAX_STEP)
         self._raised_at = now
 
     def resume(self, idle_seconds: float) -> None:
