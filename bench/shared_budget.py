@@ -121,36 +121,48 @@ async def pod_fetch(http: aiohttp.ClientSession, url: str, token: str, start_at:
 @contextlib.asynccontextmanager
 async def daemons(nodes: int, argv: list[str], env: dict[str, str], logs: Path) -> AsyncIterator[list[str]]:
     """One `irsa-cache serve` per node, all started at once; ready when their /readyz says so.
-    (Waiting must not block this loop: it serves the API double the daemons sync from.)"""
-    processes: list[subprocess.Popen[bytes]] = []
+    (Waiting must not block this loop: it serves the API double the daemons sync from.)
+    A daemon that lost its port to another process (the machine is shared) starts again."""
+    processes: dict[int, subprocess.Popen[bytes]] = {}
+    ports: dict[int, tuple[int, int]] = {}
+
+    def start(node: int) -> None:
+        port, metrics_port = free_port(), free_port()
+        with (logs / f"node-{node}.log").open("wb") as log:
+            processes[node] = subprocess.Popen(
+                [*argv, "--node-name", f"node-{node}", "--listen", f"127.0.0.1:{port}",
+                 "--metrics-listen", f"127.0.0.1:{metrics_port}"], stdout=log, stderr=log, env=env)
+        ports[node] = (port, metrics_port)
+
     try:
-        ports = []
         for node in range(nodes):
-            port, metrics_port = free_port(), free_port()
-            with (logs / f"node-{node}.log").open("wb") as log:
-                processes.append(subprocess.Popen(
-                    [*argv, "--node-name", f"node-{node}", "--listen", f"127.0.0.1:{port}",
-                     "--metrics-listen", f"127.0.0.1:{metrics_port}"], stdout=log, stderr=log, env=env))
-            ports.append((port, metrics_port))
+            start(node)
         deadline = time.monotonic() + DAEMON_READY_TIMEOUT_SECONDS
         async with aiohttp.ClientSession() as http:
-            for process, (_, metrics_port) in zip(processes, ports):
+            for node in range(nodes):
+                restarts = 0
                 while True:
+                    process = processes[node]
                     if process.poll() is not None:
+                        log = (logs / f"node-{node}.log").read_text()
+                        if "address already in use" in log and restarts < 3:
+                            restarts += 1
+                            start(node)
+                            continue
                         raise RuntimeError(f"a daemon exited with {process.returncode}; see {logs}")
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"daemons not ready after {DAEMON_READY_TIMEOUT_SECONDS:g} s; see {logs}")
                     with contextlib.suppress(aiohttp.ClientError):
-                        async with http.get(f"http://127.0.0.1:{metrics_port}/readyz") as answer:
+                        async with http.get(f"http://127.0.0.1:{ports[node][1]}/readyz") as answer:
                             if answer.status == 200:
                                 break
                     await asyncio.sleep(0.1)
-        yield [f"http://127.0.0.1:{port}/v1/credentials" for port, _ in ports]
+        yield [f"http://127.0.0.1:{ports[node][0]}/v1/credentials" for node in range(nodes)]
     finally:
-        for process in processes:
+        for process in processes.values():
             if process.poll() is None:
                 process.terminate()
-        for process in processes:
+        for process in processes.values():
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
