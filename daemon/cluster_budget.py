@@ -8,19 +8,22 @@ slice is wasted while a busy one crawls at its own. Here each node:
 - holds its fair share, `rate / nodes`, as a guaranteed rate, with a burst of a
   little less than `burst / nodes` (`burst_fraction`: STS's own bucket is a guess,
   and calls from many nodes do not arrive in step): when every node bursts at once,
-  together they ask what the account allows, so STS need not throttle. The node count is its DaemonSet's
-  `status.desiredNumberScheduled` (not the pod count, which doubles during a surge),
-  read every `DAEMONSET_READ_INTERVAL_SECONDS`; the share, and so the floor, falls
-  as nodes are added;
-- borrows above its share while it has exchanges waiting and STS does not throttle
-  it: every `raise_interval_seconds` at most, after a success, its rate grows,
-  first by a quarter, then by half, then doubling, up to the whole cluster rate,
-  so a few busy nodes get the quota idle ones leave within a second or two, while
+  together they ask what the account allows, so STS need not throttle. The node
+  count is its DaemonSet's `status.desiredNumberScheduled` (not the pod count, which
+  doubles during a surge), read every `DAEMONSET_READ_INTERVAL_SECONDS`; the share,
+  and so the floor, falls as nodes are added;
+- borrows above its share while exchanges have waited for `raise_interval_seconds`
+  and STS does not throttle it: every `raise_interval_seconds` (whether or not a call went through meanwhile: a
+  node whose share is one call every few seconds must still be able to borrow), its
+  rate grows, first by a quarter, then by half, then doubling, up to the whole
+  cluster rate; a few busy nodes get the quota idle ones leave within seconds, while
   the first step of many busy nodes overshoots the account by a quarter;
-- on `Throttling` falls back to its share at once, spends its bucket, and does not
-  borrow again for a while: 1-2x `hold_first_seconds`, doubling with every wave of
-  throttling up to `hold_max_seconds`, back to the first after `calm_seconds`
-  without one. Throttling means the quota is in use: others need their share;
+- on `Throttling` cuts its rate to `cut_to` of what it was (never below its share),
+  keeps its bucket, and does not borrow again for a while: 1-2x `hold_first_seconds`,
+  doubling with every wave of throttling up to `hold_max_seconds`, back to the first
+  after `calm_seconds` without one. Throttling means the quota is in use: others need
+  their share. (Falling straight back to the share would strand the busy nodes of a
+  cluster that is mostly idle at a call every few seconds each for the whole hold.)
 - when it had nothing to do for a while, starts again from its share (its borrowed
   rate halves every `raise_interval_seconds` of idleness).
 
@@ -52,7 +55,8 @@ MAX_STEP = 1.0  # then +50 %, then doubling at most
 class SharePolicy:
     rate_per_second: float  # the whole cluster's
     burst: int  # the whole cluster's
-    raise_interval_seconds: float = 0.25
+    raise_interval_seconds: float = 0.5
+    cut_to: float = 0.3  # on throttling, what is kept of the borrowing (never below the share)
     hold_first_seconds: float = 10.0
     hold_max_seconds: float = 300.0
     calm_seconds: float = 60.0
@@ -69,7 +73,7 @@ class ClusterShare:
         self.level = 1.0  # the rate is share * level
         self._step = FIRST_STEP
         self._rng = rng or random.Random()
-        self._raised_at = -math.inf
+        self._raised_at: float | None = None  # None: no exchange waiting yet since idle
         self._blocked_until = -math.inf
         self._hold = policy.hold_first_seconds
         self._last_throttle = -math.inf
@@ -111,19 +115,30 @@ class ClusterShare:
         self.on_change()
 
     def throttled(self, now: float) -> None:
-        """Back to the share; no borrowing for a while, longer with every wave."""
-        self.level = 1.0
+        """Back towards the share; no borrowing for a while, longer with every wave."""
         self._step = FIRST_STEP
         if now - self._last_throttle >= self.policy.calm_seconds:
             self._hold = self.policy.hold_first_seconds
         if now - self._last_throttle >= self.policy.wave_seconds:
+            self.level = max(1.0, self.level * self.policy.cut_to)
             self._blocked_until = now + self._hold * (1.0 + self._rng.random())
             self._hold = min(self.policy.hold_max_seconds, self._hold * 2)
         self._last_throttle = now
 
     def succeeded(self, now: float, *, backlog: bool) -> None:
         """A call went through: borrow a step more if exchanges wait and nothing forbids it."""
-        if not backlog or now < self._blocked_until or now - self._raised_at < self.policy.raise_interval_seconds:
+        self.grow(now, backlog=backlog)
+
+    def grow(self, now: float, *, backlog: bool) -> None:
+        """Exchanges are waiting: borrow a step more if the last step is old enough and STS has
+        not throttled lately. (Called on every grant round, not only on successes: a node whose
+        share is a call every few seconds would otherwise borrow too slowly to matter.)"""
+        if not backlog:
+            return
+        if self._raised_at is None:
+            self._raised_at = now  # exchanges wait from now on: the first step comes an interval later
+            return
+        if now < self._blocked_until or now - self._raised_at < self.policy.raise_interval_seconds:
             return
         assert self.nodes is not None
         if self.level >= self.nodes:
@@ -134,8 +149,11 @@ class ClusterShare:
 
     def resume(self, idle_seconds: float) -> None:
         """Work again after `idle_seconds` with nothing to do: borrowing decays meanwhile."""
+        self._raised_at = None
         if idle_seconds > 0 and self.level > 1.0:
-            self.level = max(1.0, self.level / 2 ** (idle_seconds / self.policy.raise_interval_seconds))
+            halvings = idle_seconds / self.policy.raise_interval_seconds
+            # Past 64 halvings nothing is left to borrow (and 2 ** halvings would overflow).
+            self.level = 1.0 if halvings >= 64 else max(1.0, self.level / 2**halvings)
             self._step = FIRST_STEP
 
 

@@ -210,6 +210,12 @@ class StsBudget:
             self._wakeup = None
         now = self._loop.time()
         self._refill(now)
+        share = self._share
+        if share is not None and share.active and self._waiting:
+            share.grow(now, backlog=True)  # exchanges wait: borrow more if the share allows
+            if share.rate != self.rate:
+                self.rate = share.rate
+                metrics.STS_BUDGET_RATE.set(self.rate)
         while self._waiting and self._in_flight < self._policy.concurrency and self._tokens >= 1.0 - _EPSILON:
             ticket = min(self._waiting, key=lambda t: (t.priority, t.seq))
             self._waiting.remove(ticket)
@@ -223,6 +229,8 @@ class StsBudget:
         if self._waiting and self._in_flight < self._policy.concurrency:
             # Out of tokens: come back when the next one is due. (Out of slots: a release calls us.)
             due_in = max((1.0 - self._tokens) / self.rate, _MIN_WAKEUP_SECONDS)
+            if share is not None and share.active:
+                due_in = min(due_in, share.policy.raise_interval_seconds)  # the rate may grow meanwhile
             self._wakeup = self._loop.call_at(now + due_in, self._dispatch)
 
     def _publish_queue(self) -> None:

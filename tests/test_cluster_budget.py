@@ -50,54 +50,63 @@ def test_the_guaranteed_rate_is_the_cluster_rate_over_the_nodes_and_falls_as_nod
 def test_borrowing_grows_while_exchanges_wait_and_stops_at_the_cluster_rate() -> None:
     share = share_of(100)  # 6/s each
 
-    share.succeeded(0.0, backlog=False)
+    share.grow(0.0, backlog=False)
+    share.grow(5.0, backlog=False)
     assert share.rate == 6  # nothing waiting: nothing to borrow for
+    share.grow(10.0, backlog=True)
+    assert share.rate == 6  # exchanges wait from now: the first step comes half a second later
     rates = []
     for step in range(1, 7):
-        share.succeeded(step * 0.25, backlog=True)
-        share.succeeded(step * 0.25 + 0.1, backlog=True)  # at most one step a quarter of a second
+        share.grow(10.0 + step * 0.5, backlog=True)
+        share.grow(10.0 + step * 0.5 + 0.2, backlog=True)  # at most one step each half second
         rates.append(share.rate)
 
     assert rates == pytest.approx([7.5, 11.25, 22.5, 45, 90, 180])  # +25 %, +50 %, then doubling
     for step in range(7, 10):
-        share.succeeded(step * 0.25, backlog=True)
+        share.grow(10.0 + step * 0.5, backlog=True)
     assert share.rate == 600  # at most the cluster's rate
 
 
-def test_throttling_falls_back_to_the_share_and_holds_borrowing_longer_each_wave() -> None:
+def borrowed(share: ClusterShare, steps: int, start: float = 0.0) -> float:
+    """Let exchanges wait from `start` through `steps` raises; returns the time after."""
+    share.grow(start, backlog=True)
+    for step in range(1, steps + 1):
+        share.grow(start + step * 0.5, backlog=True)
+    return start + steps * 0.5
+
+
+def test_throttling_cuts_borrowing_and_holds_it_longer_each_wave() -> None:
     share = share_of(100)
-    for second in range(1, 4):
-        share.succeeded(float(second), backlog=True)
-    assert share.rate == 22.5
+    now = borrowed(share, 4)
+    assert share.rate == 45
 
-    share.throttled(4.0)
-    share.throttled(4.5)  # the same wave: one hold, not two
+    share.throttled(now)
+    share.throttled(now + 0.5)  # the same wave: one cut and one hold, not two
+    assert share.rate == pytest.approx(45 * 0.3)  # 30 % of what it borrowed
+    share.throttled(now + 1.5)  # the next wave: never below the share
     assert share.rate == 6
-    share.succeeded(13.9, backlog=True)
-    assert share.rate == 6  # held at least 10 s
-    share.succeeded(24.1, backlog=True)
-    assert share.rate == 7.5  # held at most 20 s; borrowing starts over from its first step
-
-    share.throttled(25.0)  # the next wave holds 20-40 s
-    share.succeeded(44.9, backlog=True)
+    held = now + 1.5  # the first wave held 10-20 s; this second one holds 20-40 s
+    share.grow(held + 19.9, backlog=True)
     assert share.rate == 6
-    share.succeeded(65.1, backlog=True)
-    assert share.rate == 7.5
+    share.grow(held + 40.1, backlog=True)
+    assert share.rate == 7.5  # borrowing again, from the first step
 
-    share.throttled(200.0)  # a minute and more without throttling: back to the first hold
-    share.succeeded(220.1, backlog=True)
+    share.throttled(held + 200.0)  # a minute and more without throttling: back to the first hold
+    share.grow(held + 220.1, backlog=True)
     assert share.rate == 7.5
 
 
 def test_idle_time_undoes_borrowing() -> None:
     share = share_of(100)
-    for second in range(1, 5):
-        share.succeeded(float(second), backlog=True)
+    borrowed(share, 4)
     assert share.rate == 45
 
-    share.resume(idle_seconds=0.5)  # halves every quarter of a second of idleness
+    share.resume(idle_seconds=1.0)  # halves every half second of idleness
     assert share.rate == pytest.approx(45 / 4)
     share.resume(idle_seconds=30.0)
+    assert share.rate == 6
+    borrowed(share, 4, start=40.0)
+    share.resume(idle_seconds=86_400.0)  # a day idle: back to the share, no arithmetic overflow
     assert share.rate == 6
 
 
@@ -135,11 +144,11 @@ async def test_the_budget_runs_at_the_share_and_follows_the_node_count() -> None
 
     share.set_nodes(4)
     assert (budget.rate, metric("irsa_cache_sts_budget_rate"), metric("irsa_cache_sts_cluster_nodes")) == (5, 5, 4)
-    assert await grants(budget, 6) == [0, 0, 0, 0, 0.2, 0.4]  # its part of the burst (4), then 5/s
+    assert await grants(budget, 6) == [0, 0, 0, 0, 0.2, 0.4]  # its part of the burst (80 % of 20 / 4), then 5/s
 
     share.set_nodes(10)
     assert (budget.rate, metric("irsa_cache_sts_budget_share")) == (2, 2)
-    assert await grants(budget, 3) == [0.5, 1.0, 1.5]  # 2/s: the bucket was spent
+    assert await grants(budget, 1) == [0.5]  # 2/s, the bucket spent
 
 
 class Sts:

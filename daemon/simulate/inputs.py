@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 PLACEMENTS = ("spread", "packed", "random")
@@ -35,7 +36,8 @@ WARM_UP_SECONDS = 900.0
 DAEMON_RESTART_SECONDS = 5.0
 DAEMONSET_MIN_READY_SECONDS = 10.0
 # Node replacement: the new nodes of a wave are ready and the old ones drained within
-# this; the evicted pods start on the new nodes after `POD_RESCHEDULE_SECONDS`.
+# this; the evicted pods start on the new nodes from `POD_RESCHEDULE_SECONDS` after the
+# drain, at most POD_STARTS_PER_SECOND of them a second (the control plane recreates them).
 NODE_WAVE_SECONDS = 60.0
 POD_RESCHEDULE_SECONDS = 5.0
 # Rollout and node replacement go `surge` nodes at a time; by default a tenth of them.
@@ -140,12 +142,14 @@ class DaemonRestart:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NodeReplacement:
-    """At `at`, `old` is drained: its pods start again on `new` (a fresh node) at `pods_at`."""
+    """At `at`, `new` joins; at `pods_at`, `old` is drained and its pods start again on `new`,
+    spread over `spread_seconds`."""
 
     old: int
     new: int
     at: float
     pods_at: float
+    spread_seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,13 +217,16 @@ def plan(inputs: Inputs) -> Plan:
         end = inputs.duration_seconds or last + inputs.daemon.session_duration_seconds
         return Plan(starts=starts, restarts=restarts, measure_from=begin, last_event_at=last, fixed_end=end,
                     total_nodes=inputs.nodes)
+    pods_on = Counter(where)
+    spreads = [sum(pods_on[node] for node in wave) / POD_STARTS_PER_SECOND for wave in waves]
     replacements = tuple(
         NodeReplacement(old=node, new=inputs.nodes + node, at=begin + k * NODE_WAVE_SECONDS,
-                        pods_at=begin + k * NODE_WAVE_SECONDS + POD_RESCHEDULE_SECONDS)
+                        pods_at=begin + k * NODE_WAVE_SECONDS + POD_RESCHEDULE_SECONDS, spread_seconds=spreads[k])
         for k, wave in enumerate(waves) for node in wave
     )
+    last = max(r.pods_at + r.spread_seconds for r in replacements)
     return Plan(starts=starts, replacements=replacements, measure_from=begin,
-                last_event_at=replacements[-1].pods_at, settle_limit=_settle(inputs), total_nodes=2 * inputs.nodes)
+                last_event_at=last, settle_limit=_settle(inputs), total_nodes=2 * inputs.nodes)
 
 
 def _settle(inputs: Inputs) -> float:

@@ -109,12 +109,18 @@ class Fleet:
     def start(self, start: PodStart) -> None:
         self._start(start.pod, start.identity, start.node)
 
-    def drain(self, node: int, onto: int) -> None:
-        """Every pod of `node` is deleted and starts anew on `onto` (the node is replaced)."""
+    def drain(self, node: int, onto: int, spread_seconds: float = 0.0) -> None:
+        """Every pod of `node` is deleted and starts anew on `onto` (the node is replaced),
+        each at a random moment within `spread_seconds`."""
+        now = self._loop.time()
         for number in sorted(self.on_node.pop(node, ())):
             old = self.pods[number]
             self._stop(old)
-            self._start(number, old.identity, onto)
+            self._loop.schedule(now + self._rng.uniform(0.0, spread_seconds), self._restart_on,
+                                (number, old.identity, onto))
+
+    def _restart_on(self, item: tuple[int, int, int]) -> None:
+        self._start(*item)
 
     def _start(self, number: int, identity: int, node: int) -> None:
         now = self._loop.time()

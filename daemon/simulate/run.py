@@ -118,16 +118,17 @@ class _Run:
             loop.schedule(restart.back_at, self.start_node, restart.node)
         for replacement in plan.replacements:
             loop.schedule(replacement.at, self.node_added, replacement.new)
-            loop.schedule(replacement.pods_at, self._replace, (replacement.old, replacement.new))
+            loop.schedule(replacement.pods_at, self._replace,
+                          (replacement.old, replacement.new, replacement.spread_seconds))
         if plan.fixed_end is not None:
             loop.schedule(plan.fixed_end, self._stop, None)
         else:
             loop.schedule(plan.last_event_at, self._check_settled, None)
             loop.schedule(plan.last_event_at + plan.settle_limit, self._stop, None)
 
-    def _replace(self, item: tuple[int, int]) -> None:
-        old, new = item
-        self.fleet.drain(old, new)
+    def _replace(self, item: tuple[int, int, float]) -> None:
+        old, new, spread = item
+        self.fleet.drain(old, new, spread)
         self.node_removed(old)
 
     def _settled(self) -> None:
