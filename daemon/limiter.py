@@ -14,8 +14,8 @@ limiter is per client with no priorities, no concurrency bound and no metrics;
 so the retry loop, the shared bucket, the priorities and the metrics live here.
 
 With `--sts-cluster-rate` the rate and the bucket are the node's part of a budget
-shared by every node (`cluster_budget.ClusterShare`): its share, borrowing above it,
-falling back to it on throttling; CUBIC is then not used.
+shared by every node (`cluster_budget.ClusterShare`): its share, borrowing above it
+while exchanges wait, cutting the borrowing on throttling; CUBIC is then not used.
 
 Time is the event loop's (`loop.time()`), so tests run on virtual time.
 """
@@ -132,8 +132,8 @@ class StsBudget:
         self._refill(now)
         self._throttled_since_success = True
         if self._share is not None and self._share.active:
-            # Back to the share, and no borrowing for a while. The bucket is kept (down to the
-            # share's size): the node's own share is still its own. (Emptying it, as the per-node
+            # Borrowing cut (never below the share) and held for a while. The bucket is kept (down
+            # to its new size): the node's own share is still its own. (Emptying it, as the per-node
             # budget does, would leave quota unused: the shares add up to the account's rate.)
             self._share.throttled(now)
             self.rate = self._share.rate

@@ -12,6 +12,10 @@ What is real and what is modelled: the `CredentialCache`, `StsBudget` and
 behind a `CredentialSource`; the HTTP layer is the mapping of outcomes to status
 codes that `server.py` makes (200, or the error's status).
 
+With `--sts-cluster-rate`, each generation's budget gets its `ClusterShare` from
+`app.cluster_share()` and is told the node count at once (a real daemon reads it from
+its DaemonSet at start and every 30 s).
+
 Maintenance runs when the cache says an entry is due (`next_check_at()`), not on the
 daemon's one-second tick: one timer per node, moved earlier whenever a request or an
 exchange may have made something due sooner. An entry that is due but held back (no

@@ -14,7 +14,12 @@ from daemon.simulate.report import describe
 from daemon.simulate.run import ModeResult
 
 MAX_POINTS = 1500  # longer runs are averaged over wider bins
-COLOURS = {"direct": "#d62728", "per-pod": "#ff7f0e", "irsa-cache": "#1f77b4"}
+# Wide to narrow, so that modes that coincide all stay visible.
+STYLES = {
+    "direct": dict(color="#d62728", linewidth=3.2, alpha=0.55),
+    "per-pod": dict(color="#ff7f0e", linewidth=2.0, linestyle="--"),
+    "irsa-cache": dict(color="#1f77b4", linewidth=1.1),
+}
 
 
 class MatplotlibMissingError(Exception):
@@ -40,9 +45,9 @@ def write(path: Path, inputs: Inputs, results: Mapping[str, ModeResult]) -> None
         xs = [start + i + width / 2 for i in range(0, len(admitted), width)]
         calls = [sum(admitted[i:i + width]) + sum(refused[i:i + width]) for i in range(0, len(admitted), width)]
         refusals = [sum(refused[i:i + width]) for i in range(0, len(refused), width)]
-        colour = COLOURS.get(mode)
-        received.plot(xs, [c / width for c in calls], label=mode, color=colour, linewidth=1.2)
-        throttled.plot(xs, [t / width for t in refusals], label=mode, color=colour, linewidth=1.2)
+        style = STYLES.get(mode, {})
+        received.plot(xs, [c / width for c in calls], label=mode, **style)  # type: ignore[arg-type]
+        throttled.plot(xs, [t / width for t in refusals], label=mode, **style)  # type: ignore[arg-type]
     received.axhline(inputs.account_rate_per_second, color="black", linestyle="--", linewidth=1,
                      label=f"account quota ({inputs.account_rate_per_second:g}/s)")
     received.set_ylabel("calls STS received per second")
