@@ -1,7 +1,8 @@
 """The `irsa-cache` command: `serve` runs the daemon, `init-network` puts its link-local
 addresses on the node (the DaemonSet's init container), `webhook` points opted-in pods at
 it as they are created, `inject` does the same to workload YAML, `doctor` names the broken
-link when a pod gets no credentials, `demo` shows it working end to end."""
+link when a pod gets no credentials, `simulate` plays a whole cluster against STS's quota on
+a virtual clock, `demo` shows it working end to end."""
 
 from __future__ import annotations
 
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and name the broken one with its fix", description=doctor_cli.DESCRIPTION,
     )
     doctor_cli.add_arguments(doctor)
+    from daemon.simulate import cli as simulate_cli
+
+    simulate = commands.add_parser(
+        "simulate", help="simulate a cluster's STS traffic: direct IRSA, a per-pod cache and irsa-cache side by side",
+        description=simulate_cli.__doc__.split("\n\n")[0],
+    )
+    simulate_cli.add_arguments(simulate)
     return parser
 
 
@@ -75,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.doctor import cli as doctor_cli
 
         return doctor_cli.main(args)
+    if args.command == "simulate":
+        from daemon.simulate import cli as simulate_cli
+
+        return simulate_cli.main(args)
     try:
         settings = config.settings_from(args)
         logs.configure(settings.log_level)

@@ -37,10 +37,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
-from daemon import config, handoff, limiter, listeners, metrics, server, sts
+from daemon import cluster_budget, config, handoff, limiter, listeners, metrics, server, sts
 from daemon.cache import CachePolicy, CredentialCache
 from daemon.directory.base import Directory, RoleChanged, Trust
 from daemon.directory.static import load_static_config
@@ -107,6 +108,7 @@ class Identities:
     directory: Directory
     verifier: server.Verifier
     on_role_change: Callable[[RoleChanged], None] = lambda callback: None
+    api: Any = None  # the Kubernetes API client (--directory kubernetes), for the shared STS budget
 
 
 async def static_identities(settings: config.Settings, clock: Clock) -> Identities:
@@ -153,7 +155,7 @@ async def kubernetes_identities(
     def subscribe(callback: RoleChanged) -> None:
         directory.on_role_change = callback
 
-    return Identities(directory=directory, verifier=verifier, on_role_change=subscribe)
+    return Identities(directory=directory, verifier=verifier, on_role_change=subscribe, api=api)
 
 
 async def _kubernetes_configuration(kubeconfig: object) -> object:
@@ -207,7 +209,16 @@ def cache_policy(settings: config.CacheSettings) -> CachePolicy:
     )
 
 
-def budgeted(source: CredentialSource, settings: config.StsSettings) -> limiter.BudgetedSource:
+def cluster_share(settings: config.StsSettings) -> cluster_budget.ClusterShare | None:
+    """The node's part of --sts-cluster-rate (None without it); its node count is set later."""
+    if settings.cluster is None:
+        return None
+    return cluster_budget.ClusterShare(cluster_budget.SharePolicy(
+        rate_per_second=settings.cluster.rate_per_second, burst=settings.cluster.burst))
+
+
+def budgeted(source: CredentialSource, settings: config.StsSettings,
+             share: cluster_budget.ClusterShare | None = None) -> limiter.BudgetedSource:
     budget = limiter.StsBudget(
         limiter.BudgetPolicy(
             rate_per_second=settings.rate_per_second,
@@ -215,7 +226,8 @@ def budgeted(source: CredentialSource, settings: config.StsSettings) -> limiter.
             concurrency=settings.concurrency,
             max_queued=settings.max_queued,
             min_rate_per_second=config.STS_MIN_RATE_PER_SECOND,
-        )
+        ),
+        share,
     )
     retry = limiter.RetryPolicy(
         max_attempts=config.STS_MAX_ATTEMPTS, deadline_seconds=config.STS_EXCHANGE_DEADLINE_SECONDS
@@ -371,10 +383,19 @@ async def running(
                     timeout_seconds=settings.sts.timeout_seconds,
                 )
             )
+        share = cluster_share(settings.sts)
         cache = CredentialCache(
-            source=budgeted(source, settings.sts), clock=clock, policy=cache_policy(settings.cache),
+            source=budgeted(source, settings.sts, share), clock=clock, policy=cache_policy(settings.cache),
             in_use=directory.in_use,
         )
+        if share is not None and settings.sts.cluster is not None:
+            follow = asyncio.create_task(cluster_budget.follow_node_count(
+                api=identities.api, namespace=settings.sts.cluster.daemonset_namespace,
+                name=settings.sts.cluster.daemonset_name, share=share,
+                interval_seconds=config.DAEMONSET_READ_INTERVAL_SECONDS,
+            ), name="daemonset node count")
+            stack.push_async_callback(_cancel, follow)
+            tasks.append(follow)
         identities.on_role_change(lambda subject: cache.drop(lambda key: key.subject == subject, "directory"))
         if inheritance is not None:
             taken = cache.restore(inheritance.entries, inheritance.refusals)

@@ -294,6 +294,16 @@ class CredentialCache:
         metrics.NEAREST_EXPIRY.set(0 if nearest == math.inf else max(nearest - now, 0))
         self._compact()
 
+    def next_check_at(self) -> float:
+        """When `maintain()` next has an entry to look at (wall time; math.inf: none).
+
+        May be now or past, like the entries' own times (see `_next_check`). For a caller
+        that runs `maintain()` when it is due rather than on a tick (the simulator)."""
+        checks = self._checks
+        while checks and (checks[0][2].evicted or checks[0][0] != checks[0][2].check_at):
+            heapq.heappop(checks)  # stale: the entry was rescheduled or evicted
+        return checks[0][0] if checks else math.inf
+
     def drop(self, matches: Callable[[CacheKey], bool], reason: str) -> int:
         """Evict every entry whose key matches, at once (say, a role annotation changed).
         An exchange under way finishes for its waiters but its result is not kept."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -90,6 +91,7 @@ METRICS_LIMITS = ConnectionLimits(
     max_line_bytes=4 * 1024,
 )
 KUBERNETES_TIMEOUTS = ApiTimeouts()
+DAEMONSET_READ_INTERVAL_SECONDS = 30.0  # --sts-cluster-rate: how often the node count is read
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,16 @@ class StsSettings:
     burst: int
     concurrency: int
     max_queued: int
+    # The budget shared by every node (--sts-cluster-rate): None keeps the per-node one.
+    cluster: ClusterBudgetSettings | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterBudgetSettings:
+    rate_per_second: float  # for the whole cluster
+    burst: int
+    daemonset_namespace: str  # the node count is this DaemonSet's status.desiredNumberScheduled
+    daemonset_name: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +313,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--sts-burst", parse_positive_int, "20", "STS calls allowed at once above the rate", metavar="N"),
     Option("--sts-concurrency", parse_positive_int, "8", "STS calls in flight at once", metavar="N"),
     Option("--sts-queue", parse_positive_int, "500", "exchanges that may wait for the budget; past it, 503 at once", metavar="N"),
+    Option("--sts-cluster-rate", parse_positive_float, None, "STS calls per second for the whole cluster, shared by every node: each has its share (this / nodes, from the DaemonSet's status) and borrows unused quota while STS does not throttle; replaces --sts-rate", metavar="PER_SECOND"),
+    Option("--sts-cluster-burst", parse_positive_int, None, "STS calls at once for the whole cluster (default: one second of --sts-cluster-rate)", metavar="N"),
     Option("--idle-evict", parse_duration, "3600", "drop entries not requested for this long", metavar="SECONDS"),
     Option("--max-entries", parse_positive_int, "20000", "bound on cached identities; the least recently used goes first", metavar="N"),
     Option("--max-connections", parse_positive_int, str(CREDENTIALS_LIMITS.max_connections), "connections open at once on the credentials addresses; past it the oldest idle one is closed", metavar="N"),
@@ -446,6 +460,8 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
         if v["kubeconfig"] is not None and not v["kubeconfig"].is_file():
             problems.append(f"{src['kubeconfig']}: {v['kubeconfig']} is not a readable file")
 
+    cluster = _cluster_budget(v, src, environ, problems)
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -475,6 +491,7 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
             burst=v["sts_burst"],
             concurrency=v["sts_concurrency"],
             max_queued=v["sts_queue"],
+            cluster=cluster,
         ),
         cache=CacheSettings(
             serve_floor_seconds=floor,
@@ -486,6 +503,27 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
         ),
         log_level=v["log_level"],
     )
+
+
+def _cluster_budget(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str],
+                    problems: list[str]) -> ClusterBudgetSettings | None:
+    """--sts-cluster-rate: the node count comes from the daemon's own DaemonSet, named by the
+    manifest in DAEMONSET_NAME and POD_NAMESPACE, read through the Kubernetes API."""
+    rate = v["sts_cluster_rate"]
+    if rate is None:
+        if v["sts_cluster_burst"] is not None:
+            problems.append(f"{src['sts_cluster_burst']}: only with --sts-cluster-rate")
+        return None
+    name, namespace = environ.get("DAEMONSET_NAME"), environ.get("POD_NAMESPACE")
+    if v["directory"] != "kubernetes":
+        problems.append(f"{src['sts_cluster_rate']}: needs --directory kubernetes (the node count is the "
+                        "DaemonSet's, read from the API server)")
+    elif not name or not namespace:
+        problems.append(f"{src['sts_cluster_rate']}: set DAEMONSET_NAME and POD_NAMESPACE to this daemon's own "
+                        "DaemonSet (deploy/daemonset.yaml does), whose node count divides the rate")
+    burst = v["sts_cluster_burst"] if v["sts_cluster_burst"] is not None else max(1, math.ceil(rate))
+    return ClusterBudgetSettings(rate_per_second=rate, burst=burst, daemonset_namespace=namespace or "",
+                                 daemonset_name=name or "")
 
 
 def _regional_sts_endpoint(region: str) -> str:
@@ -503,6 +541,7 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str] | None = No
 __all__ = [
     "Address",
     "CacheSettings",
+    "ClusterBudgetSettings",
     "DirectorySettings",
     "ServerSettings",
     "Settings",

@@ -13,6 +13,10 @@ retry modes retry inside one call, unseen by a shared budget, and its adaptive
 limiter is per client with no priorities, no concurrency bound and no metrics;
 so the retry loop, the shared bucket, the priorities and the metrics live here.
 
+With `--sts-cluster-rate` the rate and the bucket are the node's part of a budget
+shared by every node (`cluster_budget.ClusterShare`): its share, borrowing above it
+while exchanges wait, cutting the borrowing on throttling; CUBIC is then not used.
+
 Time is the event loop's (`loop.time()`), so tests run on virtual time.
 """
 
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from botocore.retries.throttling import CubicCalculator
 
 from daemon import metrics
+from daemon.cluster_budget import ClusterShare
 from daemon.errors import OverloadedError, StsDeniedError, StsError
 from daemon.models import Credentials, CredentialSource, Priority, Ticket, VerifiedToken
 
@@ -56,8 +61,9 @@ class BudgetExhaustedError(OverloadedError):
 class StsBudget:
     """Token bucket, concurrency slots and a two-class priority queue."""
 
-    def __init__(self, policy: BudgetPolicy) -> None:
+    def __init__(self, policy: BudgetPolicy, share: ClusterShare | None = None) -> None:
         self._policy = policy
+        self._share = share
         self._loop = asyncio.get_running_loop()
         now = self._loop.time()
         self.rate = policy.rate_per_second
@@ -70,7 +76,32 @@ class StsBudget:
         self._cubic = CubicCalculator(starting_max_rate=policy.rate_per_second, start_time=now)
         self._last_cut = -math.inf
         self._throttled_since_success = False
+        # Resolved once: this runs on every grant and release.
+        self._waiting_series = (metrics.STS_WAITING.labels(priority="caller"),
+                                metrics.STS_WAITING.labels(priority="refresh"))
+        self._idle_since: float | None = now  # nothing waiting or in flight since then
+        self._shared = False  # the share has been active (its node count known)
+        if share is not None:
+            share.on_change = self._share_changed
+            if share.active:
+                self.rate, self._tokens, self._shared = share.rate, share.initial_tokens(), True
         metrics.STS_BUDGET_RATE.set(self.rate)
+
+    @property
+    def _burst(self) -> float:
+        return self._share.capacity if self._share is not None and self._share.active else float(self._policy.burst)
+
+    def _share_changed(self) -> None:
+        """The node count changed (or became known): the rate and bucket follow at once."""
+        assert self._share is not None
+        now = self._loop.time()
+        self._refill(now)
+        self.rate = self._share.rate
+        # From the per-node budget to the share: start from the node's part of the burst.
+        self._tokens = min(self._tokens, self._burst) if self._shared else self._share.initial_tokens()
+        self._shared = True
+        metrics.STS_BUDGET_RATE.set(self.rate)
+        self._dispatch()
 
     @property
     def queued(self) -> int:
@@ -92,6 +123,8 @@ class StsBudget:
     def release(self) -> None:
         self._in_flight -= 1
         self._dispatch()
+        if not self._waiting and self._in_flight == 0:
+            self._idle_since = self._loop.time()
 
     def promote(self, ticket: Ticket) -> None:
         """A caller now waits for this exchange: it goes before refreshes from now on."""
@@ -104,8 +137,17 @@ class StsBudget:
         """STS said slow down: cut the rate (CUBIC's multiplicative decrease) and spend the bucket."""
         now = self._loop.time()
         self._refill(now)
-        self._tokens = min(self._tokens, 0.0)
         self._throttled_since_success = True
+        if self._share is not None and self._share.active:
+            # Borrowing cut (never below the share) and held for a while. The bucket is kept (down
+            # to its new size): the node's own share is still its own. (Emptying it, as the per-node
+            # budget does, would leave quota unused: the shares add up to the account's rate.)
+            self._share.throttled(now)
+            self.rate = self._share.rate
+            self._tokens = min(self._tokens, self._burst)
+            metrics.STS_BUDGET_RATE.set(self.rate)
+            return
+        self._tokens = min(self._tokens, 0.0)
         if now - self._last_cut < self._policy.cut_interval_seconds:
             return  # the same wave of calls, answered together: one cut, not one per answer
         self._last_cut = now
@@ -114,7 +156,15 @@ class StsBudget:
         log.warning("STS throttled: budget cut to %.2f calls/s", self.rate)
 
     def succeeded(self) -> None:
-        """Recover along the CUBIC curve towards the configured rate."""
+        """Recover along the CUBIC curve towards the configured rate (shared: maybe borrow more)."""
+        if self._share is not None and self._share.active:
+            now = self._loop.time()
+            self._refill(now)
+            self._share.succeeded(now, backlog=bool(self._waiting))
+            if self._share.rate != self.rate:
+                self.rate = self._share.rate
+                metrics.STS_BUDGET_RATE.set(self.rate)
+            return
         if not self._throttled_since_success and self.rate >= self._policy.rate_per_second:
             return
         now = self._loop.time()
@@ -129,6 +179,14 @@ class StsBudget:
             raise BudgetExhaustedError(
                 f"{len(self._waiting)} STS exchanges are already queued on this node; retry shortly"
             )
+        if self._idle_since is not None:
+            if self._share is not None and self._share.active:
+                now = self._loop.time()
+                self._refill(now)
+                self._share.resume(now - self._idle_since)
+                self.rate = self._share.rate
+                metrics.STS_BUDGET_RATE.set(self.rate)
+            self._idle_since = None
         ticket.seq = next(self._seq)
         ticket.granted = self._loop.create_future()
         self._waiting.append(ticket)
@@ -149,7 +207,7 @@ class StsBudget:
             metrics.STS_BUDGET_WAIT.labels(priority=ticket.priority.name.lower()).observe(self._loop.time() - started)
 
     def _refill(self, now: float) -> None:
-        self._tokens = min(float(self._policy.burst), self._tokens + (now - self._refilled_at) * self.rate)
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled_at) * self.rate)
         self._refilled_at = now
 
     def _dispatch(self) -> None:
@@ -159,6 +217,12 @@ class StsBudget:
             self._wakeup = None
         now = self._loop.time()
         self._refill(now)
+        share = self._share
+        if share is not None and share.active and self._waiting:
+            share.grow(now, backlog=True)  # exchanges wait: borrow more if the share allows
+            if share.rate != self.rate:
+                self.rate = share.rate
+                metrics.STS_BUDGET_RATE.set(self.rate)
         while self._waiting and self._in_flight < self._policy.concurrency and self._tokens >= 1.0 - _EPSILON:
             ticket = min(self._waiting, key=lambda t: (t.priority, t.seq))
             self._waiting.remove(ticket)
@@ -172,13 +236,15 @@ class StsBudget:
         if self._waiting and self._in_flight < self._policy.concurrency:
             # Out of tokens: come back when the next one is due. (Out of slots: a release calls us.)
             due_in = max((1.0 - self._tokens) / self.rate, _MIN_WAKEUP_SECONDS)
+            if share is not None and share.active:
+                due_in = min(due_in, share.policy.raise_interval_seconds)  # the rate may grow meanwhile
             self._wakeup = self._loop.call_at(now + due_in, self._dispatch)
 
     def _publish_queue(self) -> None:
-        for priority in Priority:
-            metrics.STS_WAITING.labels(priority=priority.name.lower()).set(
-                sum(1 for t in self._waiting if t.priority is priority)
-            )
+        callers = sum(1 for t in self._waiting if t.priority is Priority.CALLER)
+        caller_series, refresh_series = self._waiting_series
+        caller_series.set(callers)
+        refresh_series.set(len(self._waiting) - callers)
 
 
 @dataclass(frozen=True, kw_only=True)

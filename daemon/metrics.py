@@ -7,9 +7,13 @@ Call sites use `metrics.NAME`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
+from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 NAMESPACE = "irsa_cache"
 
@@ -117,6 +121,24 @@ STS_BUDGET_WAIT = Histogram(
     ["priority"],
     namespace=NAMESPACE,
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+STS_BUDGET_SHARE = Gauge(
+    "sts_budget_share",
+    "With --sts-cluster-rate: this node's guaranteed STS rate, the cluster's rate over the node count "
+    "(0: the per-node budget).",
+    namespace=NAMESPACE,
+)
+STS_CLUSTER_NODES = Gauge(
+    "sts_cluster_nodes",
+    "With --sts-cluster-rate: the nodes sharing the cluster's STS rate (the DaemonSet's "
+    "desiredNumberScheduled; 0 until read).",
+    namespace=NAMESPACE,
+)
+DAEMONSET_READS = Counter(
+    "daemonset_reads",
+    "Reads of the daemon's own DaemonSet for the shared STS budget's node count, by result (ok, error).",
+    ["result"],
+    namespace=NAMESPACE,
 )
 STS_RETRIES = Counter(
     "sts_retries", "STS attempts retried after a passing failure, by reason.", ["reason"], namespace=NAMESPACE
@@ -235,8 +257,51 @@ def _create_known_series() -> None:
         REFUSALS_REMEMBERED.labels(kind=kind)
     for severity in ("expired", "short"):
         CLOCK_SKEW.labels(severity=severity)
+    for result in ("ok", "error"):
+        DAEMONSET_READS.labels(result=result)
     for result in TOKEN_RESULTS:
         TOKEN_VERIFICATIONS.labels(result=result)
 
 
 _create_known_series()
+
+
+class _Mute:
+    """Stands in for any metric or series: every update does nothing."""
+
+    def labels(self, *args: object, **kwargs: object) -> _Mute:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Within: every metric of this module is a no-op (restored on exit).
+
+    For `irsa-cache simulate`, which runs thousands of the daemon's caches and budgets in
+    one process: their updates must not reach this process's registry, and on the hot
+    path of a simulation they cost time for nothing. Call sites read `metrics.NAME` when
+    they update, so swapping the module's attributes reaches them all. Not for a process
+    that also serves requests: the swap is process-wide.
+    """
+    module = sys.modules[__name__]
+    saved = {name: value for name, value in vars(module).items() if isinstance(value, MetricWrapperBase)}
+    mute = _Mute()
+    try:
+        for name in saved:
+            setattr(module, name, mute)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)

@@ -1,15 +1,15 @@
 """A Kubernetes API server double that speaks the real wire format over plain HTTP.
 
 The real kubernetes-asyncio client talks to it unmodified (nothing in the client is
-mocked): it serves ServiceAccounts and Pods (list, watch, get), the service-account
-issuer discovery documents, and TokenReview, and lets a test change objects, cut or
+mocked): it serves ServiceAccounts and Pods (list, watch, get), DaemonSets (apps/v1:
+list, watch, get), the service-account issuer discovery documents, and TokenReview, and lets a test change objects, cut or
 expire watches, take the server down and count what the client asked for.
 
 Use: `double = await K8sApiDouble(issuer=..., jwks=...).start()` (or `async with
 running(...)`), then `double.client_configuration()` or `double.write_kubeconfig(path)`
 for the client; `await double.stop()` at the end.
-- objects: `create/update/apply/delete` with the `service_account(...)` and `pod(...)`
-  factories; each change bumps the one global `resource_version` and reaches live
+- objects: `create/update/apply/delete` with the `service_account(...)`, `pod(...)` and
+  `daemon_set(...)` factories (`set_desired_nodes(...)` changes a DaemonSet's status); each change bumps the one global `resource_version` and reaches live
   watches. `bump_resource_version()` advances it as other kinds' changes would.
 - history: `compact(rv)`, `history_size`, `expired_as` ("event" or "status").
 - watches: `send_bookmarks()`, `bookmark_interval`, `drop_watches(abrupt=True)`,
@@ -167,9 +167,13 @@ INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 DEFAULT_ISSUER = "https://oidc.k8s-double.test/id/DOUBLE"
 DEFAULT_TOKEN = "k8s-double-bearer-token"
 
-KINDS = {"serviceaccounts": "ServiceAccount", "pods": "Pod"}
+KINDS = {"serviceaccounts": "ServiceAccount", "pods": "Pod", "daemonsets": "DaemonSet"}
 RESOURCES = {kind: resource for resource, kind in KINDS.items()}
+# Where each resource is served: the core group under /api/v1, DaemonSets under /apis/apps/v1.
+API_VERSIONS = {"serviceaccounts": "v1", "pods": "v1", "daemonsets": "apps/v1"}
+API_ROOTS = {"v1": ["api", "v1"], "apps/v1": ["apis", "apps", "v1"]}
 FIELDS = {
+    "daemonsets": frozenset({"metadata.name", "metadata.namespace"}),
     "serviceaccounts": frozenset({"metadata.name", "metadata.namespace"}),
     "pods": frozenset({
         "metadata.name", "metadata.namespace", "spec.nodeName", "spec.restartPolicy",
@@ -228,6 +232,30 @@ def pod(
         },
         "spec": spec,
         "status": {"phase": phase},
+    }
+
+
+def daemon_set(namespace: str, name: str, desired: int, *, labels: Mapping[str, str] | None = None) -> Obj:
+    """A DaemonSet as the API server returns it, with `status.desiredNumberScheduled` = `desired`
+    (the nodes it should run on; the controller's other counters follow it here)."""
+    selector = dict(labels or {"app.kubernetes.io/name": name})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "labels": dict(selector)},
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": selector},
+                "spec": {"containers": [{"name": name, "image": "irsa-cache:test"}]},
+            },
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
+        },
+        "status": {
+            "currentNumberScheduled": desired, "desiredNumberScheduled": desired, "numberMisscheduled": 0,
+            "numberReady": desired, "numberAvailable": desired, "updatedNumberScheduled": desired,
+            "observedGeneration": 1,
+        },
     }
 
 
@@ -508,14 +536,16 @@ def parse_route(path: str) -> _Route:
     if path == TOKEN_REVIEW_PATH:
         return _Route("tokenreviews")
     parts = path.strip("/").split("/")
-    if parts[:2] != ["api", "v1"]:
+    version = next((v for v, root in API_ROOTS.items() if parts[:len(root)] == root), None)
+    if version is None:
         return _Route("unknown")
-    rest = parts[2:]
-    if len(rest) == 1 and rest[0] in KINDS:
+    rest = parts[len(API_ROOTS[version]):]
+    served = {resource for resource, v in API_VERSIONS.items() if v == version}
+    if len(rest) == 1 and rest[0] in served:
         return _Route("collection", rest[0])
     if len(rest) == 5 and rest[0] == "namespaces" and rest[2] == "serviceaccounts" and rest[4] == "token" and rest[3]:
         return _Route("token", "serviceaccounts", rest[1], rest[3])
-    if len(rest) in (3, 4) and rest[0] == "namespaces" and rest[2] in KINDS and rest[1]:
+    if len(rest) in (3, 4) and rest[0] == "namespaces" and rest[2] in served and rest[1]:
         if len(rest) == 3:
             return _Route("collection", rest[2], rest[1])
         return _Route("object", rest[2], rest[1], rest[3])
@@ -708,6 +738,15 @@ class K8sApiDouble:
         self._objects[key] = stored
         self._publish(Change(rv, "MODIFIED", key[0], stored, previous))
         return copy.deepcopy(stored)
+
+    def set_desired_nodes(self, namespace: str, name: str, desired: int) -> Obj:
+        """The DaemonSet controller's view changed (nodes joined or left): a new status."""
+        stored = self.get("DaemonSet", namespace, name)
+        if stored is None:
+            raise KeyError(f'daemonsets "{name}" not found')
+        stored["status"].update(desiredNumberScheduled=desired, currentNumberScheduled=desired,
+                                numberReady=desired, numberAvailable=desired, updatedNumberScheduled=desired)
+        return self.update(stored)
 
     def apply(self, obj: Obj) -> Obj:
         return self.update(obj) if self._key(obj) in self._objects else self.create(obj)
@@ -934,7 +973,7 @@ class K8sApiDouble:
             return json_response(stored)
         return json_response({
             "kind": f"{KINDS[route.resource]}List",
-            "apiVersion": "v1",
+            "apiVersion": API_VERSIONS[route.resource],
             "metadata": {"resourceVersion": str(self._rv)},
             "items": self._current(route.resource, route.namespace, None, selector),
         })
@@ -1026,7 +1065,8 @@ class K8sApiDouble:
                 metadata["annotations"] = {INITIAL_EVENTS_END: "true"}
             kind = KINDS[watch.resource]
             await response.write(dumps({"type": "BOOKMARK",
-                                        "object": {"kind": kind, "apiVersion": "v1", "metadata": metadata}}))
+                                        "object": {"kind": kind, "apiVersion": API_VERSIONS[watch.resource],
+                                                   "metadata": metadata}}))
         elif isinstance(item, Change):
             event = watch.event(item)
             if event is not None:

@@ -166,6 +166,7 @@ def _option(flag: str) -> config.Option:
 def test_the_env_table_covers_every_flag() -> None:
     # --directory has one usable value, so it is covered by its own test below.
     covered = {param.values[0] for param in ENV_TABLE} | {"--directory", "--token-review"}
+    covered |= {"--sts-cluster-rate", "--sts-cluster-burst"}  # need the kubernetes directory: tested below
     assert covered == {option.flag for option in config.SERVE_OPTIONS}
 
 
@@ -206,6 +207,53 @@ def test_directory_is_read_from_the_environment_and_the_command_line_wins(static
 
     settings = parse(static_file, "--directory", "static", environ={"IRSA_CACHE_DIRECTORY": "kubernetes"})
     assert settings.directory.kind == "static"
+
+
+# --- the STS budget shared by every node ---
+
+IN_CLUSTER = {"IRSA_CACHE_DIRECTORY": "kubernetes", "NODE_NAME": "node-a",
+              "DAEMONSET_NAME": "irsa-cache", "POD_NAMESPACE": "kube-system"}
+K8S = ["--static-config"]  # Kubernetes mode: no static config
+
+
+def test_the_cluster_budget_names_its_daemonset_and_bursts_a_second_by_default(static_file: Path) -> None:
+    assert parse(static_file, environ=IN_CLUSTER, omit=K8S).sts.cluster is None  # the per-node budget by default
+
+    settings = parse(static_file, "--sts-cluster-rate", "600", environ=IN_CLUSTER, omit=K8S)
+    assert settings.sts.cluster == config.ClusterBudgetSettings(
+        rate_per_second=600, burst=600, daemonset_namespace="kube-system", daemonset_name="irsa-cache")
+    assert parse(static_file, "--sts-cluster-rate", "2.5", environ=IN_CLUSTER, omit=K8S).sts.cluster.burst == 3
+
+
+@pytest.mark.parametrize(("flag", "env_value", "cli_value", "get", "from_env", "from_cli"), [
+    pytest.param("--sts-cluster-rate", "50", "600", lambda s: s.sts.cluster.rate_per_second, 50, 600, id="rate"),
+    pytest.param("--sts-cluster-burst", "100", "20", lambda s: s.sts.cluster.burst, 100, 20, id="burst"),
+])
+def test_the_cluster_budget_flags_read_their_environment_variables(
+    static_file: Path, flag: str, env_value: str, cli_value: str, get: Getter, from_env: Any, from_cli: Any
+) -> None:
+    environ = {**IN_CLUSTER, "IRSA_CACHE_STS_CLUSTER_RATE": "10", _option(flag).env: env_value}
+    assert get(parse(static_file, environ=environ, omit=K8S)) == from_env
+    assert get(parse(static_file, flag, cli_value, environ=environ, omit=K8S)) == from_cli
+
+
+@pytest.mark.parametrize(("argv", "environ", "problem"), [
+    pytest.param(["--sts-cluster-rate", "600"], {}, "--sts-cluster-rate: needs --directory kubernetes",
+                 id="static-directory"),
+    pytest.param(["--sts-cluster-rate", "600"], {**IN_CLUSTER, "DAEMONSET_NAME": ""},
+                 "--sts-cluster-rate: set DAEMONSET_NAME and POD_NAMESPACE", id="no-daemonset-name"),
+    pytest.param(["--sts-cluster-rate", "600"], {k: v for k, v in IN_CLUSTER.items() if k != "POD_NAMESPACE"},
+                 "--sts-cluster-rate: set DAEMONSET_NAME and POD_NAMESPACE", id="no-namespace"),
+    pytest.param(["--sts-cluster-burst", "10"], IN_CLUSTER, "--sts-cluster-burst: only with --sts-cluster-rate",
+                 id="burst-alone"),
+    pytest.param(["--sts-cluster-rate", "0"], IN_CLUSTER, "--sts-cluster-rate: '0' must be above 0", id="zero-rate"),
+])
+def test_the_cluster_budget_says_what_it_lacks(
+    static_file: Path, argv: list[str], environ: dict[str, str], problem: str
+) -> None:
+    problems = problems_of(static_file, *argv, environ=environ,
+                           omit=K8S if environ.get("IRSA_CACHE_DIRECTORY") == "kubernetes" else ())
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
 
 
 def test_token_review_is_a_switch(static_file: Path) -> None:

@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon import app, config
 from daemon.embedded import Issuer
 from tests.conftest import ROLE_A, fetch
-from tests.k8s_double import K8sApiDouble, identity_for, pod, service_account
+from tests.k8s_double import K8sApiDouble, daemon_set, identity_for, pod, service_account
 from tests.sts_double import StsDouble
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +55,7 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
 DAEMONSET = DEPLOY / "base" / "daemonset.yaml"
 TOKEN_REVIEW_OVERLAY = DEPLOY / "overlays" / "token-review"
+CLUSTER_BUDGET_OVERLAY = DEPLOY / "overlays" / "cluster-budget"
 APP_EXAMPLE = DEPLOY / "examples" / "app.yaml"
 RULES = DEPLOY / "prometheus-rules.yaml"
 RULES_TEST = DEPLOY / "prometheus-rules.test.yaml"
@@ -211,7 +212,8 @@ def _expand(text: str, env: Mapping[str, str]) -> str:
 
 
 def container_environment(container: Mapping[str, Any], docs: list[dict[str, Any]], node_name: str) -> dict[str, str]:
-    """The environment the kubelet gives the container: values, the downward API, ConfigMaps."""
+    """The environment the kubelet gives the container: values, the downward API, ConfigMaps
+    (an optional key that is absent sets nothing)."""
     namespace = daemonset()["metadata"]["namespace"]
     env: dict[str, str] = {}
     for var in container.get("env", []):
@@ -220,13 +222,16 @@ def container_environment(container: Mapping[str, Any], docs: list[dict[str, Any
             continue
         source = var["valueFrom"]
         if "fieldRef" in source:
-            path = source["fieldRef"]["fieldPath"]
-            assert path in ("spec.nodeName", "status.hostIP"), source
-            env[var["name"]] = node_name if path == "spec.nodeName" else HOST_IP
+            field_path = source["fieldRef"]["fieldPath"]
+            assert field_path in ("spec.nodeName", "status.hostIP", "metadata.namespace"), source
+            env[var["name"]] = {"spec.nodeName": node_name, "status.hostIP": HOST_IP,
+                                "metadata.namespace": namespace}[field_path]
         elif "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
             config_map = find(docs, "ConfigMap", ref["name"])
             assert config_map["metadata"]["namespace"] == namespace
+            if ref["key"] not in config_map["data"] and ref.get("optional"):
+                continue
             assert ref["key"] in config_map["data"], f"ConfigMap {ref['name']} has no key {ref['key']}"
             env[var["name"]] = config_map["data"][ref["key"]]
         else:
@@ -266,6 +271,7 @@ def test_the_daemon_container_args_parse_with_the_daemons_own_flags() -> None:
     assert settings.directory.kubeconfig is None  # in-cluster service account
     assert settings.directory.token_review is False  # deploy/token-review.yaml is optional
     assert settings.sts.region == find(docs, "ConfigMap", "irsa-cache")["data"]["AWS_REGION"]
+    assert settings.sts.cluster is None  # the shared budget is opt-in (STS_CLUSTER_RATE)
     assert [str(a) for a in settings.server.listen] == ["169.254.170.23:80"]
     metrics_port = int(daemonset()["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
     assert settings.server.metrics_listen == config.Address(HOST_IP, metrics_port)  # the node's, not 0.0.0.0
@@ -468,22 +474,26 @@ def granted_by(role: Mapping[str, Any]) -> set[Permission]:
 
 
 @contextlib.asynccontextmanager
-async def kubernetes_daemon(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path, *extra: str) -> AsyncIterator[app.RunningDaemon]:
+async def kubernetes_daemon(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path, *extra: str,
+                            environ: Mapping[str, str] | None = None) -> AsyncIterator[app.RunningDaemon]:
     settings = config.parse_serve_args(
         ["--directory", "kubernetes", "--kubeconfig", str(k8s.write_kubeconfig(tmp_path / "kubeconfig")),
          "--node-name", NODE, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
          "--region", "us-east-1", "--sts-endpoint-url", sts.url, "--request-hold", "20", *extra],
-        environ={},
+        environ=dict(environ or {}),
     )
     async with app.running(settings) as daemon:
         yield daemon
 
 
-async def recorded_permissions(issuer: Issuer, sts: StsDouble, tmp_path: Path, *extra: str) -> set[Permission]:
+async def recorded_permissions(issuer: Issuer, sts: StsDouble, tmp_path: Path, *extra: str,
+                               environ: Mapping[str, str] | None = None) -> set[Permission]:
     """Run the daemon against the API double through everything that reaches the API server."""
     async with contextlib.AsyncExitStack() as stack:
         k8s = await K8sApiDouble(issuer=issuer.url, jwks=issuer.jwks()).start()
         stack.push_async_callback(k8s.stop)
+        ds = daemonset()
+        k8s.create(daemon_set(ds["metadata"]["namespace"], ds["metadata"]["name"], desired=3))
         account = k8s.create(service_account("shop", "checkout", ROLE_A))
         here = k8s.create(pod("shop", "checkout-1", NODE, "checkout"))
         # A pod the node's informer never sees: to the daemon, a pod too new for the
@@ -496,7 +506,7 @@ async def recorded_permissions(issuer: Issuer, sts: StsDouble, tmp_path: Path, *
             tokens[meta["name"]] = token
             k8s.token_reviews[token] = identity_for(account, bound)  # what TokenReview answers (--token-review)
         http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)))
-        daemon = await stack.enter_async_context(kubernetes_daemon(k8s, sts, tmp_path, *extra))
+        daemon = await stack.enter_async_context(kubernetes_daemon(k8s, sts, tmp_path, *extra, environ=environ))
         await k8s.wait_for_watches(2)
 
         assert (await fetch(http, daemon, tokens["checkout-1"])).status == 200
@@ -553,6 +563,34 @@ async def test_the_token_review_overlay_adds_the_flag_and_exactly_what_it_calls(
     binding = find(docs, "ClusterRoleBinding", "irsa-cache-token-review")
     assert binding["roleRef"]["name"] == "irsa-cache-token-review"
     assert binding["subjects"] == find(base(), "ClusterRoleBinding", "irsa-cache")["subjects"]
+
+
+async def test_the_cluster_budget_overlay_turns_it_on_and_adds_exactly_what_it_calls(
+    issuer: Issuer, sts: StsDouble, tmp_path: Path
+) -> None:
+    docs = rendered(CLUSTER_BUDGET_OVERLAY)
+    base_granted = granted_by(find(base(), "ClusterRole", "irsa-cache"))
+    role = find(docs, "Role", "irsa-cache-cluster-budget")
+    assert not [d for d in base() if d["metadata"]["name"] == "irsa-cache-cluster-budget"], "not in the base"
+    # The overlay's ConfigMap sets the rate; the DaemonSet's environment carries it to the flag.
+    (container,) = [c for c in find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "irsa-cache"]
+    environ = container_environment(container, docs, NODE)
+    settings = config.parse_serve_args([mounted(_expand(a, environ), container) for a in container["args"][1:]],
+                                       environ=environ)
+    assert settings.sts.cluster is not None and settings.sts.cluster.rate_per_second > 0
+    assert "IRSA_CACHE_STS_CLUSTER_RATE" not in container_environment(main_container(), base(), NODE)  # base: off
+
+    used = await recorded_permissions(issuer, sts, tmp_path, environ=environ)
+
+    assert used - base_granted == granted_by(role) == {("apps", "daemonsets", "get")}
+    ds = daemonset()
+    assert role["metadata"]["namespace"] == ds["metadata"]["namespace"] == environ["POD_NAMESPACE"]
+    assert role["rules"][0]["resourceNames"] == [ds["metadata"]["name"]] == [environ["DAEMONSET_NAME"]]
+    binding = find(docs, "RoleBinding", "irsa-cache-cluster-budget")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "irsa-cache-cluster-budget"}
+    assert binding["subjects"] == find(base(), "ClusterRoleBinding")["subjects"]
 
 
 # --- (d) the Dockerfile and its lock files ---------------------------------------------

@@ -25,6 +25,7 @@ from tests.k8s_double import (
     ROLE_ARN_ANNOTATION,
     K8sApiDouble,
     TokenReviewCall,
+    daemon_set,
     identity_for,
     pod,
     service_account,
@@ -286,6 +287,52 @@ async def test_read_namespaced_pod_and_not_found(k8s: K8sApiDouble, core: client
     assert (status["reason"], status["message"]) == ("NotFound", 'pods "ghost" not found')
     assert status["details"] == {"name": "ghost", "kind": "pods"}
     assert k8s.count("get", "/api/v1/namespaces/team-a/pods/app-1") == 1
+
+
+# -- DaemonSets (apps/v1) --------------------------------------------------------------------
+
+
+async def test_a_daemonset_is_read_through_the_apps_api_and_its_status_can_change(
+    k8s: K8sApiDouble, api: client.ApiClient
+) -> None:
+    apps = client.AppsV1Api(api)
+    k8s.create(daemon_set("kube-system", "irsa-cache", desired=3))
+
+    first = await apps.read_namespaced_daemon_set("irsa-cache", "kube-system")
+    k8s.set_desired_nodes("kube-system", "irsa-cache", 7)
+    second = await apps.read_namespaced_daemon_set("irsa-cache", "kube-system")
+    with pytest.raises(ApiException) as missing:
+        await apps.read_namespaced_daemon_set("other", "kube-system")
+
+    assert isinstance(first, client.V1DaemonSet)
+    assert (first.status.desired_number_scheduled, second.status.desired_number_scheduled) == (3, 7)
+    assert int(second.metadata.resource_version) > int(first.metadata.resource_version)
+    assert missing.value.status == 404
+    assert k8s.count("get", "/apis/apps/v1/namespaces/kube-system/daemonsets/irsa-cache") == 2
+
+
+async def test_daemonsets_are_listed_and_watched_by_name_and_only_under_apps(
+    k8s: K8sApiDouble, api: client.ApiClient, core: client.CoreV1Api
+) -> None:
+    apps = client.AppsV1Api(api)
+    k8s.create(daemon_set("kube-system", "irsa-cache", desired=3))
+    k8s.create(daemon_set("kube-system", "other", desired=3))
+
+    listed = await apps.list_namespaced_daemon_set("kube-system", field_selector="metadata.name=irsa-cache")
+    k8s.set_desired_nodes("kube-system", "other", 9)
+    k8s.set_desired_nodes("kube-system", "irsa-cache", 5)
+    (event,), _ = await collect(apps.list_namespaced_daemon_set, 1, namespace="kube-system",
+                                field_selector="metadata.name=irsa-cache",
+                                resource_version=listed.metadata.resource_version, timeout_seconds=30)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{k8s.url}/api/v1/namespaces/kube-system/daemonsets/irsa-cache",
+                            headers={"Authorization": f"Bearer {k8s.token}"}) as unrouted:
+            unrouted_status = unrouted.status
+
+    assert [item.metadata.name for item in listed.items] == ["irsa-cache"]
+    assert listed.api_version == "apps/v1"
+    assert event["type"] == "MODIFIED" and event["object"].status.desired_number_scheduled == 5
+    assert unrouted_status == 404  # DaemonSets are not in the core group
 
 
 # -- 410 Expired -----------------------------------------------------------------------------
