@@ -217,7 +217,11 @@ async def test_the_successor_keeps_the_refresh_schedule_tokens_and_refusals(
     clock.advance(3600 * 0.6)
     a.cache.maintain()
     b.cache.maintain()
-    await asyncio.sleep(0.5)
+    for _ in range(100):  # bounded: until B's five refreshes are answered
+        if sum(1 for entry in b.cache._entries.values() if entry.exchange is None) == 5 and len(
+                sts.assume_calls) - calls >= 5:
+            break
+        await asyncio.sleep(0.1)
     refreshes = [call for call in sts.assume_calls[calls:] if call.action == "AssumeRoleWithWebIdentity"]
     assert len(refreshes) == 5
     assert metric("irsa_cache_handoff_entries_total", direction="received") >= 5
