@@ -57,6 +57,7 @@ import aiohttp
 from aiohttp import web
 
 from daemon import __version__
+from daemon.__main__ import new_event_loop
 from daemon.demo import metric_total, scrape
 from daemon.embedded import DEMO_ACCOUNT, Background, Issuer, MotoSts, free_port
 from daemon.server import CREDENTIALS_PATH
@@ -91,7 +92,8 @@ def serve_bare(port: int, body_path: Path) -> None:
 
     app = web.Application()
     app.router.add_get(CREDENTIALS_PATH, credentials)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    # The loop `irsa-cache serve` runs on: the comparison is of the servers, not of the loops.
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=new_event_loop())
 
 
 # --- processes and what the kernel says about them ---
