@@ -12,6 +12,7 @@ import asyncio
 import enum
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -85,6 +86,8 @@ class Credentials:
         if self.expiration.tzinfo is None:
             raise ValueError("Credentials.expiration must carry a time zone")
         object.__setattr__(self, "_expires_at", self.expiration.timestamp())
+        # One string per account, not one per cached identity.
+        object.__setattr__(self, "account_id", sys.intern(self.account_id))
 
     @property
     def expires_at(self) -> float:
