@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from daemon import audit, doctor, metrics
@@ -58,6 +58,9 @@ class Verifier(Protocol):
         """Load what verification needs (keys, the issuer), retrying until it has it."""
 
     async def verify(self, token: str) -> VerifiedToken: ...
+
+    # Optional: `verified_before(token) -> VerifiedToken | None`, the answer `verify` would
+    # give a token it has verified before, without a coroutine (TokenVerifier has it).
 
 
 def allowed_hosts(addresses: Iterable[Address]) -> frozenset[str]:
@@ -134,6 +137,7 @@ def create_app(
     middleware chain would cost every cached answer a few coroutine frames more."""
     trail = audit.IssuanceTrail(max_tokens=VERIFIED_TOKENS_MAX)
     count = metrics.REQUESTS.count
+    verified_before: Callable[[str], VerifiedToken | None] = getattr(verifier, "verified_before", lambda token: None)
 
     async def credentials(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -143,7 +147,7 @@ def create_app(
         role_arn: str | None = None
         try:
             check_host(request, hosts())
-            token = request.headers.get("Authorization")
+            token = request.headers.get(hdrs.AUTHORIZATION)
             if not token:
                 raise TokenError(
                     "the Authorization header is missing; it must hold the token from "
@@ -157,7 +161,7 @@ def create_app(
             if len(token) > MAX_TOKEN_CHARS:
                 raise TokenError(f"the token is {len(token)} characters; STS accepts at most {MAX_TOKEN_CHARS}",
                                  code="token_too_long")
-            verified = await verifier.verify(token)
+            verified = verified_before(token) or await verifier.verify(token)
             identity = verified.identity
             role_arn = await directory.role_for(identity)
             issued, outcome = await cache.get(CacheKey.of(role_arn, identity), verified)
@@ -224,7 +228,7 @@ def _doctor_hint(identity: Identity | None, role_arn: str | None, error: DaemonE
 def check_host(request: web.Request, hosts: frozenset[str]) -> None:
     """The Host header, and the authority of an absolute-form request target
     (`GET http://host/v1/credentials`), must name one of our listen addresses."""
-    host = request.headers.get("Host", "")
+    host = request.headers.get(hdrs.HOST, "")
     if host not in hosts and host.lower() not in hosts:  # SDKs send it lower case: lower() only if not
         raise WrongHostError(f"Host {host.lower()!r} is not an address this daemon listens on")
     target = request.raw_path
