@@ -112,6 +112,7 @@ class PlainCounter:
         self._labelnames = labelnames
         self._cells: dict[tuple[str, ...], _Cell] = {}
         self._created = time.time()
+        self._unlabelled = self.child() if not labelnames else None
 
     def child(self, *labels: str) -> _Cell:
         if len(labels) != len(self._labelnames):
@@ -122,7 +123,10 @@ class PlainCounter:
         return cell
 
     def inc(self, amount: int = 1) -> None:
-        self.child().inc(amount)
+        """For a family without labels: its one series."""
+        if self._unlabelled is None:
+            raise ValueError(f"{self._name} has labels {self._labelnames}: inc() a child()")
+        self._unlabelled.value += amount
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -147,13 +151,11 @@ ISSUANCES = _plain_counter(
     "Credentials given to a pod token for the first time (a new token, or new credentials after a refresh): "
     "each writes one audit line.",
 )
-ISSUANCES.child()
 REPEAT_ANSWERS = _plain_counter(
     "repeat_answers",
     "Credential answers that repeated what the pod token had already been given (an SDK fetching again): "
     "counted, not written to the audit log line by line.",
 )
-REPEAT_ANSWERS.child()
 STS_CALLS = Counter(
     "sts_calls",
     "AssumeRoleWithWebIdentity calls (every attempt), by reason (cold: no credentials yet; refresh) and result.",
