@@ -167,6 +167,7 @@ class CredentialCache:
         self._refusals: OrderedDict[CacheKey | tuple[CacheKey, str], _Refusal] = OrderedDict()
         self._closing: asyncio.Future[None] | None = None  # set by release_waiters()
         self._retired = False  # a successor refreshes now: this cache starts no refresh
+        self._waiters: set[asyncio.Future[None]] = set()  # one per caller held for an exchange
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -218,13 +219,33 @@ class CredentialCache:
 
     async def _wait(self, exchange: asyncio.Task[Credentials], hold: float) -> bool:
         """Wait for `exchange` (never cancelling it) at most `hold` seconds, or until
-        release_waiters(); True if it finished."""
+        release_waiters(); True if it finished.
+
+        Each caller waits on a future of its own, kept in a set that release_waiters()
+        wakes. (One future shared by every held caller, as asyncio.wait on it would need,
+        grows a callback list as long as the crowd, and each caller leaving scans it: a
+        burst of a thousand callers paid a quadratic cost.)"""
         if exchange.done():
             return True
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-        done, _ = await asyncio.wait({exchange, self._closing}, timeout=hold, return_when=asyncio.FIRST_COMPLETED)
-        return exchange in done
+        if self._closing is not None and self._closing.done():
+            return False  # stopping: nobody is held any more
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        exchange.add_done_callback(wake)
+        timer = loop.call_later(hold, wake)
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiters.discard(waiter)
+            exchange.remove_done_callback(wake)
+        return exchange.done()
 
     def release_waiters(self) -> None:
         """Answer every caller held for an exchange now (503 + Retry-After, or its still
@@ -233,6 +254,9 @@ class CredentialCache:
             self._closing = asyncio.get_running_loop().create_future()
         if not self._closing.done():
             self._closing.set_result(None)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _fresh(self, entry: _Entry, credentials: Credentials, now: float) -> bool:
         remaining = credentials.remaining(now)

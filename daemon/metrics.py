@@ -7,13 +7,18 @@ Call sites use `metrics.NAME`.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
+import itertools
 import sys
+import time
 from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.utils import floatToGoString
 
 NAMESPACE = "irsa_cache"
 
@@ -37,18 +42,122 @@ TOKEN_RESULTS = (
 _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _STS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-REQUESTS = Counter(
-    "requests",
-    "Credential requests answered, by HTTP status code and outcome.",
-    ["code", "outcome"],
-    namespace=NAMESPACE,
+
+
+class RequestStats:
+    """`irsa_cache_requests_total` {code, outcome} and `irsa_cache_request_duration_seconds`
+    {outcome}, kept as plain numbers and turned into metric families when scraped.
+
+    Every credential request updates both, and prometheus_client's own Counter and
+    Histogram take a lock and walk the buckets in Python on each update; here an update
+    is a dictionary increment and one bisection (in C). Updates come from the event loop
+    only; a scrape reads a copy, so it sees each series whole."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[int, str], int] = {}
+        self._buckets = {outcome: [0] * (len(_REQUEST_BUCKETS) + 1) for outcome in REQUEST_OUTCOMES}
+        self._sums = dict.fromkeys(REQUEST_OUTCOMES, 0.0)
+        self._created = time.time()
+        self._bounds = [*(floatToGoString(bound) for bound in _REQUEST_BUCKETS), "+Inf"]
+
+    def count(self, code: int, outcome: str, seconds: float) -> None:
+        """One request answered `code` with `outcome` (from REQUEST_OUTCOMES) after `seconds`."""
+        key = (code, outcome)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        # bisect_left: the first bucket whose upper bound is at least `seconds` (`le`).
+        self._buckets[outcome][bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+        self._sums[outcome] += seconds
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(f"{NAMESPACE}_requests", _REQUESTS_HELP, labels=["code", "outcome"])
+        yield HistogramMetricFamily(f"{NAMESPACE}_request_duration_seconds", _DURATION_HELP, labels=["outcome"])
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(f"{NAMESPACE}_requests", _REQUESTS_HELP, labels=["code", "outcome"])
+        for (code, outcome), value in sorted(self._counts.copy().items()):
+            requests.add_metric([str(code), outcome], value, created=self._created)
+        yield requests
+        duration = HistogramMetricFamily(f"{NAMESPACE}_request_duration_seconds", _DURATION_HELP, labels=["outcome"])
+        for outcome in REQUEST_OUTCOMES:
+            counts, total = self._buckets[outcome].copy(), self._sums[outcome]
+            cumulative = list(itertools.accumulate(counts))
+            duration.add_metric([outcome], list(zip(self._bounds, cumulative, strict=True)), total)
+        yield duration
+
+
+_REQUESTS_HELP = "Credential requests answered, by HTTP status code and outcome."
+_DURATION_HELP = "Time to answer a credential request, by outcome."
+REQUESTS = RequestStats()
+REGISTRY.register(REQUESTS)
+
+
+class _Cell:
+    """One series of a PlainCounter: `inc()` is an addition, no lock (the event loop is
+    the only writer)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class PlainCounter:
+    """A counter family kept as plain integers, for what every request counts (see
+    RequestStats); `child(*label_values)` is the series to `inc()`."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
+        self._name = f"{NAMESPACE}_{name}"
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._cells: dict[tuple[str, ...], _Cell] = {}
+        self._created = time.time()
+        self._unlabelled = self.child() if not labelnames else None
+
+    def child(self, *labels: str) -> _Cell:
+        if len(labels) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, not {labels}")
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = _Cell()
+        return cell
+
+    def inc(self, amount: int = 1) -> None:
+        """For a family without labels: its one series."""
+        if self._unlabelled is None:
+            raise ValueError(f"{self._name} has labels {self._labelnames}: inc() a child()")
+        self._unlabelled.value += amount
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for labels, cell in sorted(self._cells.copy().items()):
+            family.add_metric(list(labels), cell.value, created=self._created)
+        yield family
+
+
+def _plain_counter(name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> PlainCounter:
+    counter = PlainCounter(name, documentation, labelnames)
+    REGISTRY.register(counter)
+    return counter
+
+
+TOKEN_VERIFICATIONS = _plain_counter(
+    "token_verifications", "Token verifications, by result (valid, cached, or the failed check).", ("result",))
+ISSUANCES = _plain_counter(
+    "issuances",
+    "Credentials given to a pod token for the first time (a new token, or new credentials after a refresh): "
+    "each writes one audit line.",
 )
-REQUEST_DURATION = Histogram(
-    "request_duration_seconds",
-    "Time to answer a credential request, by outcome.",
-    ["outcome"],
-    namespace=NAMESPACE,
-    buckets=_REQUEST_BUCKETS,
+REPEAT_ANSWERS = _plain_counter(
+    "repeat_answers",
+    "Credential answers that repeated what the pod token had already been given (an SDK fetching again): "
+    "counted, not written to the audit log line by line.",
 )
 STS_CALLS = Counter(
     "sts_calls",
@@ -74,12 +183,6 @@ REFRESH_FAILURES = Counter(
 )
 EVICTIONS = Counter(
     "evictions", "Cache entries dropped, by reason.", ["reason"], namespace=NAMESPACE
-)
-TOKEN_VERIFICATIONS = Counter(
-    "token_verifications",
-    "Token verifications, by result (valid, cached, or the failed check).",
-    ["result"],
-    namespace=NAMESPACE,
 )
 KEY_SET_FETCHES = Counter(
     "key_set_fetches", "Refetches of the signing key set on an unknown key id.", namespace=NAMESPACE
@@ -199,13 +302,7 @@ API_SERVER_AVAILABLE.set(1)  # static mode has none to lose
 
 
 # Series of the hot path, resolved once: labels() takes a lock and looks the child up
-# by its label values on every call, and every credential request used three.
-
-
-@functools.cache
-def request_series(code: int, outcome: str) -> tuple[Counter, Histogram]:
-    """The request counter and duration histogram for one HTTP status and outcome."""
-    return REQUESTS.labels(code=str(code), outcome=outcome), REQUEST_DURATION.labels(outcome=outcome)
+# by its label values on every call.
 
 
 @functools.cache
@@ -219,13 +316,11 @@ def connections_refused(listener: str, reason: str) -> Counter:
 
 
 @functools.cache
-def token_verification(result: str) -> Counter:
-    return TOKEN_VERIFICATIONS.labels(result=result)
+def token_verification(result: str) -> _Cell:
+    return TOKEN_VERIFICATIONS.child(result)
 
 
 def _create_known_series() -> None:
-    for outcome in REQUEST_OUTCOMES:
-        REQUEST_DURATION.labels(outcome=outcome)
     for reason in STS_REASONS:
         for result in STS_RESULTS:
             STS_CALLS.labels(reason=reason, result=result)
@@ -260,7 +355,7 @@ def _create_known_series() -> None:
     for result in ("ok", "error"):
         DAEMONSET_READS.labels(result=result)
     for result in TOKEN_RESULTS:
-        TOKEN_VERIFICATIONS.labels(result=result)
+        TOKEN_VERIFICATIONS.child(result)
 
 
 _create_known_series()

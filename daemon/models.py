@@ -12,10 +12,11 @@ import asyncio
 import enum
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 def fingerprint(token: str) -> str:
@@ -46,12 +47,14 @@ class VerifiedToken:
     fingerprint: str
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CacheKey:
+class CacheKey(NamedTuple):
     """What an entry of the cache is for.
 
     Never the role alone: two identities may map to one role and only STS knows
     whether the trust policy admits both. Never the raw token: that defeats sharing.
+
+    A named tuple, not a dataclass: every request builds one and looks it up, and a
+    tuple is built, hashed and compared in C (a dataclass does each in Python).
     """
 
     role_arn: str
@@ -61,12 +64,7 @@ class CacheKey:
 
     @classmethod
     def of(cls, role_arn: str, identity: Identity) -> CacheKey:
-        return cls(
-            role_arn=role_arn,
-            issuer=identity.issuer,
-            subject=identity.subject,
-            audience=identity.audience,
-        )
+        return cls(role_arn, identity.issuer, identity.subject, identity.audience)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,17 +79,22 @@ class Credentials:
     assumed_role_arn: str
     _container_json: bytes | None = field(default=None, init=False, repr=False, compare=False)
     _served: bool = field(default=False, init=False, repr=False, compare=False)
+    # `expiration` in epoch seconds, once: every cache hit asks how much time is left.
+    _expires_at: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.expiration.tzinfo is None:
             raise ValueError("Credentials.expiration must carry a time zone")
+        object.__setattr__(self, "_expires_at", self.expiration.timestamp())
+        # One string per account, not one per cached identity.
+        object.__setattr__(self, "account_id", sys.intern(self.account_id))
 
     @property
     def expires_at(self) -> float:
-        return self.expiration.timestamp()
+        return self._expires_at
 
     def remaining(self, now: float) -> float:
-        return self.expires_at - now
+        return self._expires_at - now
 
     def to_container_response(self) -> dict[str, str]:
         """The body every SDK's container provider parses."""

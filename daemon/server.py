@@ -3,9 +3,10 @@
     GET /v1/credentials   Authorization: <raw projected token>
       -> Host check -> tokens.verify -> directory.role_for -> cache.get -> 200 JSON
 
-Every failure, ours or aiohttp's 404/405, leaves through `error_middleware` as the
-JSON body every SDK parses, and is counted there. The metrics
-listener is a separate app: /metrics, /healthz, /readyz.
+Every answer, a failure of ours or a wrong path or method, is the JSON body every
+SDK parses, and is counted. Credentials are written to the audit log once per
+issuance (see `audit.py`). The metrics listener is a separate app: /metrics,
+/healthz, /readyz.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from daemon import doctor, metrics
+from daemon import audit, doctor, metrics
 from daemon.logs import RateLimited
 from daemon.cache import CredentialCache
-from daemon.config import MAX_TOKEN_CHARS, Address
+from daemon.config import MAX_TOKEN_CHARS, VERIFIED_TOKENS_MAX, Address
 from daemon.directory.base import Directory
 from daemon.errors import (
     DaemonError,
@@ -34,16 +35,12 @@ from daemon.errors import (
     TokenError,
     WrongHostError,
 )
-from daemon.models import CacheKey, VerifiedToken
+from daemon.models import CacheKey, Identity, VerifiedToken
 
 log = logging.getLogger(__name__)
 refusal_log = RateLimited(log)
-audit = logging.getLogger("irsa_cache.audit")
 
 CREDENTIALS_PATH = "/v1/credentials"
-OUTCOME = web.RequestKey("outcome", str)  # set by the handler, counted by the middleware
-# Who asked and which role they got, for the doctor command that reproduces a refusal.
-CALLER = web.RequestKey("caller", tuple)
 # Refusals whose broken link `irsa-cache doctor` finds: the trust policy, the provider,
 # the ServiceAccount. (Not a pod on another node: that is a copied token, not a broken chain.)
 DOCTOR_CODES = frozenset({"sts_denied", "sts_unavailable", "no_service_account", "no_role_annotation",
@@ -61,6 +58,9 @@ class Verifier(Protocol):
         """Load what verification needs (keys, the issuer), retrying until it has it."""
 
     async def verify(self, token: str) -> VerifiedToken: ...
+
+    # Optional: `verified_before(token) -> VerifiedToken | None`, the answer `verify` would
+    # give a token it has verified before, without a coroutine (TokenVerifier has it).
 
 
 def allowed_hosts(addresses: Iterable[Address]) -> frozenset[str]:
@@ -129,88 +129,96 @@ def create_app(
     cache: CredentialCache,
     hosts: Callable[[], frozenset[str]],
 ) -> web.Application:
-    """The credentials app. `hosts` is read per request: ports bound as 0 are known only after start."""
+    """The credentials app. `hosts` is read per request: ports bound as 0 are known only after start.
 
-    @web.middleware
-    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    Two handlers and no middleware: `credentials` does the whole request (the Host
+    check, marking the connection busy, the answer or the error, counting it), and
+    `elsewhere` answers every other path and method with the same JSON errors. A
+    middleware chain would cost every cached answer a few coroutine frames more."""
+    trail = audit.IssuanceTrail(max_tokens=VERIFIED_TOKENS_MAX)
+    count = metrics.REQUESTS.count
+    verified_before: Callable[[str], VerifiedToken | None] = getattr(verifier, "verified_before", lambda token: None)
+
+    async def credentials(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        outcome = "error"
         connection = request.protocol
         connection.busy += 1  # type: ignore[attr-defined]  # a BoundedHandler: not evicted while answering
+        identity: Identity | None = None
+        role_arn: str | None = None
         try:
             check_host(request, hosts())
-            response = await handler(request)
-            outcome = request.get(OUTCOME, "error")
+            token = request.headers.get(hdrs.AUTHORIZATION)
+            if not token:
+                raise TokenError(
+                    "the Authorization header is missing; it must hold the token from "
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                    code="missing_token",
+                )
+            if not token.isascii():  # aiohttp keeps bytes that are not UTF-8 as surrogates
+                raise RequestError("the Authorization header holds bytes that are not ASCII; a token is base64url "
+                                   "text", code="bad_header")
+            token = token.removeprefix("Bearer ").strip()
+            if len(token) > MAX_TOKEN_CHARS:
+                raise TokenError(f"the token is {len(token)} characters; STS accepts at most {MAX_TOKEN_CHARS}",
+                                 code="token_too_long")
+            verified = verified_before(token) or await verifier.verify(token)
+            identity = verified.identity
+            role_arn = await directory.role_for(identity)
+            issued, outcome = await cache.get(CacheKey.of(role_arn, identity), verified)
+            kind = outcome.value
+            trail.answered(verified, role_arn, issued, kind)
+            # Bytes encoded once per credentials; no charset: the Go SDK wants exactly this type.
+            response = web.Response(body=issued.container_json(), content_type="application/json")
         except DaemonError as exc:
-            outcome = _outcome_of(exc)
+            kind = _outcome_of(exc)
             headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, OverloadedError) else None
-            response = error_response(exc.status, exc.code, exc.message + _doctor_hint(request, exc), headers=headers)
+            response = error_response(exc.status, exc.code, exc.message + _doctor_hint(identity, role_arn, exc),
+                                      headers=headers)
             log_failure(request, exc)
-        except web.HTTPException as exc:  # aiohttp's own 404 and 405 (which carries Allow)
-            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            code = exc.reason.lower().replace(" ", "_")
-            response = error_response(exc.status, code, f"{request.method} {request.path}: {exc.reason}", headers=allow)
         except asyncio.CancelledError:
             # The client went away while held (botocore gives up after 2 s): nothing to answer.
-            requests, duration = metrics.request_series(499, "abandoned")
-            requests.inc()
-            duration.observe(time.perf_counter() - started)
+            count(499, "abandoned", time.perf_counter() - started)
             raise
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
+            kind = "error"
             response = error_response(500, "internal_error", "internal error; see the daemon's log")
         finally:
             connection.busy -= 1  # type: ignore[attr-defined]
-        requests, duration = metrics.request_series(response.status, outcome)
-        requests.inc()
-        duration.observe(time.perf_counter() - started)
+        count(response.status, kind, time.perf_counter() - started)
         return response
 
-    async def get_credentials(request: web.Request) -> web.Response:
-        token = request.headers.get("Authorization")
-        if not token:
-            raise TokenError(
-                "the Authorization header is missing; it must hold the token from AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-                code="missing_token",
-            )
-        if not token.isascii():  # aiohttp keeps bytes that are not UTF-8 as surrogates
-            raise RequestError("the Authorization header holds bytes that are not ASCII; a token is base64url text",
-                               code="bad_header")
-        token = token.removeprefix("Bearer ").strip()
-        if len(token) > MAX_TOKEN_CHARS:
-            raise TokenError(f"the token is {len(token)} characters; STS accepts at most {MAX_TOKEN_CHARS}", code="token_too_long")
-        verified = await verifier.verify(token)
-        request[CALLER] = (verified.identity, None)
-        role_arn = await directory.role_for(verified.identity)
-        request[CALLER] = (verified.identity, role_arn)
-        credentials, outcome = await cache.get(CacheKey.of(role_arn, verified.identity), verified)
-        request[OUTCOME] = outcome.value
-        audit.info(
-            "credentials issued",
-            extra={
-                "namespace": verified.identity.namespace,
-                "service_account": verified.identity.service_account,
-                "pod": verified.identity.pod_name,
-                "subject": verified.identity.subject,
-                "role_arn": role_arn,
-                "outcome": outcome.value,
-                "access_key_id": credentials.access_key_id,
-                "token_fingerprint": verified.fingerprint,
-            },
-        )
-        return json_response(credentials.container_json())  # encoded once per credentials
+    async def elsewhere(request: web.Request) -> web.StreamResponse:
+        """Any other path (404) or method (405): the JSON error every SDK parses."""
+        started = time.perf_counter()
+        connection = request.protocol
+        connection.busy += 1  # type: ignore[attr-defined]
+        try:
+            check_host(request, hosts())
+            if request.path == CREDENTIALS_PATH:
+                status, reason, headers = 405, "Method Not Allowed", {"Allow": "GET,HEAD"}
+            else:
+                status, reason, headers = 404, "Not Found", None
+            response = error_response(status, reason.lower().replace(" ", "_"),
+                                      f"{request.method} {request.path}: {reason}", headers=headers)
+        except DaemonError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+            log_failure(request, exc)
+        finally:
+            connection.busy -= 1  # type: ignore[attr-defined]
+        count(response.status, "error", time.perf_counter() - started)
+        return response
 
-    app = web.Application(middlewares=[error_middleware])
-    app.router.add_get(CREDENTIALS_PATH, get_credentials)
+    app = web.Application()
+    app.router.add_get(CREDENTIALS_PATH, credentials)  # and HEAD
+    app.router.add_route("*", CREDENTIALS_PATH, elsewhere)
+    app.router.add_route("*", "/{path:.*}", elsewhere)
     return app
 
 
-def _doctor_hint(request: web.Request, error: DaemonError) -> str:
-    caller = request.get(CALLER)
-    if caller is None or error.code not in DOCTOR_CODES:
-        return ""
-    identity, role_arn = caller
-    if not identity.namespace:
+def _doctor_hint(identity: Identity | None, role_arn: str | None, error: DaemonError) -> str:
+    """Who asked and which role they got, for the doctor command that reproduces a refusal."""
+    if identity is None or error.code not in DOCTOR_CODES or not identity.namespace:
         return ""
     command = doctor.command_for(namespace=identity.namespace, service_account=identity.service_account,
                                  pod=identity.pod_name, role_arn=role_arn, audience=identity.audience)
@@ -220,9 +228,9 @@ def _doctor_hint(request: web.Request, error: DaemonError) -> str:
 def check_host(request: web.Request, hosts: frozenset[str]) -> None:
     """The Host header, and the authority of an absolute-form request target
     (`GET http://host/v1/credentials`), must name one of our listen addresses."""
-    host = request.headers.get("Host", "").lower()
-    if host not in hosts:
-        raise WrongHostError(f"Host {host!r} is not an address this daemon listens on")
+    host = request.headers.get(hdrs.HOST, "")
+    if host not in hosts and host.lower() not in hosts:  # SDKs send it lower case: lower() only if not
+        raise WrongHostError(f"Host {host.lower()!r} is not an address this daemon listens on")
     target = request.raw_path
     if not target.startswith("/"):
         authority = target.partition("://")[2].partition("/")[0].lower()

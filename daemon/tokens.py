@@ -1,10 +1,14 @@
 """Token verification: from a raw projected service-account token to an Identity.
 
-PyJWT does the cryptography (signature by a trusted key, with an algorithm from
-the allow-list); the claims are checked here against the injected clock, so that
-each failure names its claim and tests can move time. Results are kept per token
-digest: the hot path does no RSA work for a token it has already seen, yet expiry
-is checked on every use.
+The token is read by `jws.py` (strict compact form, header parsed, payload not yet);
+its algorithm must be on the allow-list and be the named key's own, and the
+signature is verified with that key's PyJWT algorithm object (cryptography
+underneath). Only then is the payload parsed, and the claims are checked here
+against the injected clock, so that each failure names its claim and tests can move
+time. Keys come from the key set through PyJWT, which refuses what we never trust
+(HMAC, weak RSA, EC keys off their curve: see `parse_key_set`). Results are kept per
+token digest: the hot path does no RSA work for a token it has already seen, yet
+expiry is checked on every use.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from daemon import metrics
+from daemon import jws, metrics
 from daemon.errors import DirectoryUnavailableError, TokenError
 from daemon.logs import describe
-from daemon.models import Clock, Identity, VerifiedToken, fingerprint
+from daemon.models import Clock, Identity, VerifiedToken
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +206,7 @@ class TokenVerifier:
         # What a token proved, by digest: never the token itself, which stays only with
         # the cache entry that may need it to refresh.
         self._verified: dict[bytes, _Proof] = {}
+        self._cached_count = metrics.token_verification("cached")
 
     @property
     def ready(self) -> bool:
@@ -245,11 +250,22 @@ class TokenVerifier:
 
         await retry_until_done(self.load_keys, on_failure=failed, max_delay_seconds=self._retry_max_seconds)
 
+    def verified_before(self, token: str) -> VerifiedToken | None:
+        """What `token` proved when it was verified, if it still holds (its expiry, with the
+        leeway, is not past): `verify`'s answer without a coroutine, for the hot path. None
+        means nothing is known: call `verify`."""
+        proof = self._verified.get(hashlib.sha256(token.encode()).digest())
+        if proof is None or self._clock() > proof.expires_at + self._leeway:
+            return None
+        self._cached_count.inc()
+        return VerifiedToken(identity=proof.identity, raw=token, expires_at=proof.expires_at,
+                             fingerprint=proof.fingerprint)
+
     async def verify(self, token: str) -> VerifiedToken:
         if not token.isascii():
             metrics.token_verification("malformed_token").inc()
             raise TokenError("the token holds characters that are not ASCII: not a JWT", code="malformed_token")
-        if not self.ready:
+        if not self._keys or self.issuer is None:  # `ready`, inlined: every request passes here
             raise DirectoryUnavailableError(
                 f"cannot verify tokens yet: {self.not_ready_reason}; retry shortly", code="keys_unavailable"
             )
@@ -258,12 +274,12 @@ class TokenVerifier:
         proof = self._verified.get(digest)
         if proof is not None:
             if now <= proof.expires_at + self._leeway:
-                metrics.token_verification("cached").inc()
+                self._cached_count.inc()
                 return VerifiedToken(identity=proof.identity, raw=token, expires_at=proof.expires_at,
                                      fingerprint=proof.fingerprint)
             del self._verified[digest]  # an expired token is forgotten
         try:
-            verified = await self._verify_uncached(token, now)
+            verified = await self._verify_uncached(token, now, digest)
         except TokenError as exc:
             metrics.token_verification(exc.code).inc()
             raise
@@ -271,40 +287,41 @@ class TokenVerifier:
         self._remember(digest, verified, now)
         return verified
 
-    async def _verify_uncached(self, token: str, now: float) -> VerifiedToken:
+    async def _verify_uncached(self, token: str, now: float, digest: bytes) -> VerifiedToken:
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
+            compact = jws.parse(token)
+        except jws.MalformedError as exc:
             raise TokenError(f"the token is not a JWT: {exc}", code="malformed_token") from None
+        header = compact.header
+        kid = header.get("kid")
+        if "kid" in header and not isinstance(kid, str):
+            raise TokenError("the token is not a JWT: its header's kid is not a string", code="malformed_token")
+        if "crit" in header:  # extensions the verifier must understand (RFC 7515, 4.1.11): we know none
+            raise TokenError("the token's header names critical extensions; none is supported here",
+                             code="malformed_token")
         alg = header.get("alg")
-        if alg not in ALLOWED_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             raise TokenError(
                 f"token algorithm {alg!r} is not allowed; expected one of {', '.join(ALLOWED_ALGORITHMS)}",
                 code="algorithm_not_allowed",
             )
-        key = await self._key_for(header.get("kid"))
+        key = await self._key_for(kid)
         if key.algorithm_name != alg:
             raise TokenError(
-                f"token says alg {alg} but key {header.get('kid')!r} is a {key.algorithm_name} key",
+                f"token says alg {alg} but key {kid!r} is a {key.algorithm_name} key",
                 code="algorithm_not_allowed",
             )
-        try:
-            claims = jwt.decode(
-                token,
-                key=key.key,
-                algorithms=[alg],
-                # Claims are checked below, against our clock, with messages of our own.
-                options={"verify_signature": True, "verify_exp": False, "verify_nbf": False,
-                         "verify_iat": False, "verify_aud": False, "verify_iss": False},
-            )
-        except jwt.InvalidSignatureError:
+        # The key's own algorithm object (RSASSA-PKCS1-v1_5 or ECDSA, with its hash), never
+        # one the header chose: the header only had to agree with the key.
+        if not key.Algorithm.verify(compact.signing_input, key.key, compact.signature):
             raise TokenError(
-                f"the token's signature does not verify with trusted key {header.get('kid')!r}",
-                code="bad_signature",
-            ) from None
-        except jwt.PyJWTError as exc:
+                f"the token's signature does not verify with trusted key {kid!r}", code="bad_signature"
+            )
+        try:
+            claims = jws.payload(compact)
+        except jws.MalformedError as exc:
             raise TokenError(f"the token cannot be decoded: {exc}", code="malformed_token") from None
-        return self._check_claims(claims, token, now)
+        return self._check_claims(claims, token, now, digest[:6].hex())
 
     async def _key_for(self, kid: str | None) -> jwt.PyJWK:
         key = self._keys.get(kid)
@@ -337,7 +354,7 @@ class TokenVerifier:
                 self._keys = keys
             return True
 
-    def _check_claims(self, claims: Mapping[str, Any], token: str, now: float) -> VerifiedToken:
+    def _check_claims(self, claims: Mapping[str, Any], token: str, now: float, token_fingerprint: str) -> VerifiedToken:
         iss = claims.get("iss")
         if iss is None:
             raise TokenError("claim 'iss' is missing", code="wrong_issuer")
@@ -382,7 +399,8 @@ class TokenVerifier:
             pod_name=_string_claim(pod, "name", "kubernetes.io.pod.name"),
             pod_uid=_string_claim(pod, "uid", "kubernetes.io.pod.uid"),
         )
-        return VerifiedToken(identity=identity, raw=token, expires_at=float(exp), fingerprint=fingerprint(token))
+        # The digest's first 6 bytes are what `models.fingerprint` shows: no second SHA-256.
+        return VerifiedToken(identity=identity, raw=token, expires_at=float(exp), fingerprint=token_fingerprint)
 
     def _remember(self, digest: bytes, verified: VerifiedToken, now: float) -> None:
         if len(self._verified) >= self._max_verified:

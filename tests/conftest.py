@@ -21,10 +21,24 @@ import pytest
 from prometheus_client import REGISTRY
 
 from daemon import app, config
+from daemon.__main__ import new_event_loop
 from daemon.embedded import DEMO_ACCOUNT, Issuer, MotoSts, write_token
 from daemon.models import Clock, CredentialSource, system_clock
 from tests.k8s_double import K8sApiDouble, pod, service_account
 from tests.sts_double import StsDouble
+
+# `irsa-cache serve` runs on uvloop (daemon.__main__.new_event_loop). The tests of what
+# reaches into the loop's sockets, transports and timers (the listeners' bounds, the
+# endpoint's answers to hostile input, the drain) run on it and on asyncio's own loop;
+# the rest on asyncio's (the daemon's logic does not depend on the loop, and a subprocess
+# started with `python -m daemon serve` runs on uvloop as in production).
+BOTH_LOOPS = frozenset({"test_listeners.py", "test_security.py", "test_shutdown.py"})
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    if item.path.name in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 ROLE_A = f"arn:aws:iam::{DEMO_ACCOUNT}:role/app-a"
 ROLE_B = f"arn:aws:iam::{DEMO_ACCOUNT}:role/app-b"

@@ -482,3 +482,45 @@ async def test_schedules_of_evicted_entries_do_not_pile_up(clock: FakeClock, sou
     assert len(cache) == 10
     # Reads internals: the two heaps are rebuilt once stale items outnumber the entries.
     assert len(cache._checks) <= 2 * 10 + 1024 and len(cache._expiries) <= 2 * 10 + 1024
+
+
+async def test_release_waiters_answers_every_held_caller_at_once_and_holds_nobody_after(
+    clock: FakeClock, source: FakeSource
+) -> None:
+    cache = new_cache(source, clock)
+    tokens = [make_token(clock, f"system:serviceaccount:ns:app-{n}") for n in range(10)]
+    source.gate = asyncio.Event()
+    held = [asyncio.create_task(cache.get(key_for(token), token)) for token in tokens for _ in range(100)]
+    await settle()
+
+    cache.release_waiters()
+    results = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), timeout=5)
+
+    assert all(isinstance(result, OverloadedError) for result in results)
+    assert "shutting down" in results[0].message
+    late = make_token(clock, "system:serviceaccount:ns:late")
+    with pytest.raises(OverloadedError):
+        await asyncio.wait_for(cache.get(key_for(late), late), timeout=5)  # not held for its exchange
+    # The exchanges were not cancelled: their results land in the cache.
+    source.gate.set()
+    await settle()
+    assert [(await cache.get(key_for(token), token))[1] for token in tokens] == [Outcome.HIT] * len(tokens)
+
+
+async def test_callers_held_for_one_exchange_leave_alone_or_together(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    source.gate = asyncio.Event()
+    held = [asyncio.create_task(cache.get(key_for(token), token)) for _ in range(50)]
+    await settle()
+
+    for task in held[:10]:  # callers that go away leave the others held
+        task.cancel()
+    await asyncio.gather(*held[:10], return_exceptions=True)
+    await settle()
+    assert not any(task.done() for task in held[10:])
+
+    source.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*held[10:]), timeout=5)
+    assert {credentials.access_key_id for credentials, _ in results} == {"ASIA0000000000000001"}
+    assert len(source.calls) == 1

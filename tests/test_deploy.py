@@ -347,10 +347,11 @@ def test_rollout_and_resources() -> None:
     assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"]
 
 
-# README, "Resource bounds": measured by bench/hot_path.py and bench/hostile_connections.py.
-IDLE_KUBERNETES_MB = 106
-PER_IDENTITY_KB = 4.2
-PER_HOSTILE_CONNECTION_KB = 38
+# README, "Resources" and "Memory": measured by bench/memory.py (Kubernetes mode idle with
+# an empty cluster; RSS per cached identity) and bench/hostile_connections.py.
+IDLE_KUBERNETES_MB = 116
+PER_IDENTITY_KB = 3.6
+PER_HOSTILE_CONNECTION_KB = 37
 
 
 def mebibytes(quantity: str) -> float:

@@ -821,3 +821,20 @@ async def test_a_key_set_with_only_hmac_keys_is_refused_at_load(issuer: Issuer, 
     with pytest.raises(ValueError, match="no usable signing key"):
         await verifier.load_keys()
     assert not verifier.ready
+
+
+async def test_verified_before_answers_only_what_verify_proved_and_only_until_exp_plus_leeway(
+    verifier: TokenVerifier, issuer: Issuer, clock: FakeClock
+) -> None:
+    token = issuer.mint(SUBJECT, now=clock(), lifetime_seconds=600)
+    assert verifier.verified_before(token) is None  # never verified: the caller must verify
+    first = await verifier.verify(token)
+    cached = metric("irsa_cache_token_verifications_total", result="cached")
+
+    assert verifier.verified_before(token) == first
+    assert verifier.verified_before(flip_char(token, len(token) - 10)) is None  # another token, however close
+    assert metric("irsa_cache_token_verifications_total", result="cached") == cached + 1
+
+    clock.advance(600 + LEEWAY + 1)
+    assert verifier.verified_before(token) is None
+    assert (await refused(verifier, token)).code == "expired_token"
