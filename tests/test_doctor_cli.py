@@ -160,7 +160,7 @@ def test_command_for_quotes_what_a_shell_would_split() -> None:
 
 def test_the_readme_lists_every_check() -> None:
     text = README.read_text()
-    section = text[text.index("## Troubleshooting with `irsa-cache doctor`"):text.index("\n## Troubleshooting\n")]
+    section = text[text.index("#### `irsa-cache doctor`"):text.index("#### Error by error")]
     for check in checks.CHECKS:
         assert f"`{check.id}`" in section, check.id
     for permission in ("iam:GetRole", "iam:ListOpenIDConnectProviders", "iam:GetOpenIDConnectProvider",
