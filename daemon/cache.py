@@ -149,14 +149,19 @@ class CredentialCache:
         policy: CachePolicy,
         rng: random.Random | None = None,
         in_use: Callable[[CacheKey], bool] = lambda key: True,
+        live_pods: Callable[[CacheKey], bool] | None = None,
     ) -> None:
         """`in_use` says whether an identity still has a caller on this node (a live pod);
-        entries it rejects are not refreshed and age out as idle."""
+        entries it rejects are not refreshed and age out as idle. `live_pods`, where the
+        directory knows the node's pods, keeps an identity with a live pod here from
+        ageing out at all: its pods ask less often than --idle-evict when the session is
+        longer."""
         self._source = source
         self._clock = clock
         self._policy = policy
         self._rng = rng or random.Random()
         self._in_use = in_use
+        self._live_pods = live_pods
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # least recently used first
         # (time, sequence, entry); items left behind by a rescheduled or evicted entry are
         # skipped when they surface, and dropped in bulk when they outnumber the entries.
@@ -304,8 +309,12 @@ class CredentialCache:
             token = entry.usable_token(now)
             cached = entry.credentials
             if now - entry.last_used > self._policy.idle_evict_seconds:
-                self._evict(entry, "idle")
-                continue
+                if self._live_pods is None or not self._live_pods(entry.key):
+                    self._evict(entry, "idle")
+                    continue
+                # A live pod of this identity runs here: it will ask again (its SDK refreshes
+                # about every session), so that counts as a use, whatever --idle-evict says.
+                entry.last_used = now
             if entry.exchange is None and token is None and (cached is None or cached.remaining(now) <= 0):
                 self._evict(entry, "expired")  # nothing to serve and nothing to refresh with
                 continue

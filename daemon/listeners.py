@@ -185,16 +185,16 @@ class BoundedHandler(RequestHandler):
         limit = self._table.limits.max_head_bytes
         pending = self._pending
         if not pending:
-            if self._head_timer is None:
-                self._arm_head_timer()  # the first byte of a new head
             if data.endswith(_HEAD_END) and data.find(_HEAD_END) == len(data) - len(_HEAD_END):
-                # The usual case: one whole request head in one read.
+                # The usual case: one whole request head in one read (no timer to arm).
                 if len(data) > limit:
                     self._too_large(limit)
                     return
-                self._disarm_head_timer()
+                self._disarm_head_timer()  # the connection's first one, if any
                 super().data_received(data)
                 return
+            if self._head_timer is None:
+                self._arm_head_timer()  # the first byte of a new head
         searched = max(0, len(pending) - len(_HEAD_END) + 1)
         pending.extend(data)
         while True:

@@ -524,3 +524,25 @@ async def test_callers_held_for_one_exchange_leave_alone_or_together(clock: Fake
     results = await asyncio.wait_for(asyncio.gather(*held[10:]), timeout=5)
     assert {credentials.access_key_id for credentials, _ in results} == {"ASIA0000000000000001"}
     assert len(source.calls) == 1
+
+
+async def test_an_identity_with_a_live_pod_is_never_idle_evicted(clock: FakeClock, source: FakeSource) -> None:
+    # Sessions of 2 h, idle eviction after 1 h: a pod's SDK asks about every 105 min, so
+    # without its live pod counted as a use, each of its refreshes would be a cold exchange.
+    live = {"system:serviceaccount:ns:app"}
+    cache = CredentialCache(source=source, clock=clock, policy=POLICY, rng=random.Random(3),
+                            in_use=lambda key: key.subject in live, live_pods=lambda key: key.subject in live)
+    token = make_token(clock)
+    await cache.get(key_for(token), token)
+
+    for _ in range(6):  # three hours of half-hour passes, no request at all
+        clock.advance(1800)
+        cache.maintain()
+        await settle()
+    assert key_for(token) in cache
+    assert (await cache.get(key_for(token), token))[1] is Outcome.HIT
+
+    live.clear()  # its last pod went away: it ages out as idle
+    clock.advance(POLICY.idle_evict_seconds + 1)
+    cache.maintain()
+    assert key_for(token) not in cache

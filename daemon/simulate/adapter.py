@@ -165,7 +165,8 @@ class SimulatedDaemon:
             request_hold_seconds=self.knobs.request_hold_seconds,
             refresh_wait_seconds=self.knobs.refresh_wait_seconds,
         ))
-        return CredentialCache(source=_NodeSource(self), clock=self._clock, policy=policy, in_use=self.in_use)
+        return CredentialCache(source=_NodeSource(self), clock=self._clock, policy=policy, in_use=self.in_use,
+                               live_pods=self.in_use)  # as in Kubernetes mode: the node's pods are known
 
     def _clock(self) -> float:
         return EPOCH + self.loop.time()
