@@ -345,6 +345,32 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         )
 
 
+def read_options(
+    options: Sequence[Option], args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Flags, then `IRSA_CACHE_*` variables, then defaults; parsed. Raises ConfigError
+    with one line per bad value, each naming where the value came from."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for option in options:
+        raw, source = getattr(args, option.dest, None), option.flag
+        if raw is None and option.env in environ:
+            raw, source = environ[option.env], option.env
+        if raw is None:
+            raw = option.default
+        if raw is None:
+            values[option.dest] = None
+            continue
+        try:
+            values[option.dest] = option.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{source}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """Build validated Settings from parsed flags, then the environment, then defaults."""
     environ = os.environ if environ is None else environ

@@ -29,10 +29,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from daemon import logs
-from daemon.config import Option, add_options, parse_bool, parse_choice
+from daemon.config import Option, add_options, parse_bool, parse_choice, read_options
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -96,24 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> NetworkSettings:
     """Flags, then `IRSA_CACHE_*` variables, then defaults; every bad value reported."""
-    environ = os.environ if environ is None else environ
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    for option in NETWORK_OPTIONS:
-        raw, source = getattr(args, option.dest, None), option.flag
-        if raw is None and option.env in environ:
-            raw, source = environ[option.env], option.env
-        if raw is None:
-            raw = option.default
-        if raw is None:
-            values[option.dest] = None
-            continue
-        try:
-            values[option.dest] = option.parse(raw)
-        except ValueError as exc:
-            problems.append(f"{source}: {exc}")
-    if problems:
-        raise ConfigError(problems)
+    values = read_options(NETWORK_OPTIONS, args, environ)
     return NetworkSettings(
         interface=values["interface"],
         addresses=(IPV4_ADDRESS, IPV6_ADDRESS) if values["ipv6"] else (IPV4_ADDRESS,),

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.config import read_options
 from daemon.errors import ConfigError
 from daemon.inject import documents, workloads
 from daemon.webhook import mutation, patch
@@ -35,7 +36,6 @@ from daemon.webhook.settings import (
     add_injection_options,
     injection_settings,
     parse_namespace,
-    read_options,
 )
 
 DEFAULT_NAMESPACE = "default"

@@ -13,14 +13,13 @@ certificate files are looked at) is here too, in one place.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Address, Option, add_options, parse_address, parse_choice, parse_duration
+from daemon.config import Address, Option, add_options, parse_address, parse_choice, parse_duration, read_options
 from daemon.errors import ConfigError
 from daemon.webhook import mutation
 
@@ -114,32 +113,6 @@ def add_webhook_options(parser: argparse.ArgumentParser) -> None:
 
 def add_injection_options(parser: argparse.ArgumentParser) -> None:
     add_options(parser, INJECTION_OPTIONS)
-
-
-def read_options(
-    options: Sequence[Option], args: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Flags, then `IRSA_CACHE_*` variables, then defaults; parsed. Raises ConfigError
-    with one line per bad value, each naming where the value came from."""
-    environ = os.environ if environ is None else environ
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    for option in options:
-        raw, source = getattr(args, option.dest, None), option.flag
-        if raw is None and option.env in environ:
-            raw, source = environ[option.env], option.env
-        if raw is None:
-            raw = option.default
-        if raw is None:
-            values[option.dest] = None
-            continue
-        try:
-            values[option.dest] = option.parse(raw)
-        except ValueError as exc:
-            problems.append(f"{source}: {exc}")
-    if problems:
-        raise ConfigError(problems)
-    return values
 
 
 def injection_settings(values: Mapping[str, Any]) -> mutation.InjectionSettings:
