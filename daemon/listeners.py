@@ -133,9 +133,6 @@ class ConnectionTable:
         if self._open.pop(connection, 0) is None:
             self._gauge.set(len(self._open))
 
-    def idle(self) -> list[BoundedHandler]:
-        return [connection for connection in self._open if not connection.busy]
-
 
 Render = Callable[[int, str, str], bytes]
 """(status, code, message) -> a whole HTTP/1.1 response that closes the connection."""
@@ -144,7 +141,7 @@ Render = Callable[[int, str, str], bytes]
 class BoundedHandler(RequestHandler):
     """aiohttp's request handler with the bounds of the module docstring."""
 
-    __slots__ = ("_table", "_render", "_admitted", "_pending", "_head_timer", "busy")
+    __slots__ = ("_table", "_render", "_admitted", "_pending", "_head_timer", "_outstanding", "_held")
 
     def __init__(self, manager: web.Server, *, table: ConnectionTable, render: Render,
                  loop: asyncio.AbstractEventLoop, **options: Any) -> None:
@@ -152,9 +149,15 @@ class BoundedHandler(RequestHandler):
         self._table = table
         self._render = render
         self._admitted = False
-        self._pending = bytearray()  # a request head not yet whole
+        self._pending = bytearray()  # a request head not yet whole, or one pipelined behind another
         self._head_timer: asyncio.TimerHandle | None = None  # runs while a head is awaited
-        self.busy = 0  # requests being answered (set by the app's middleware)
+        self._outstanding = 0  # heads handed to aiohttp and not answered yet: 0 or 1
+        self._held = False  # reading paused: a pipelined head waits for the answer before it
+
+    @property
+    def busy(self) -> bool:
+        """Answering a request (not to be evicted to make room)."""
+        return self._outstanding > 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._table.admit(self):
@@ -177,44 +180,67 @@ class BoundedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        """Hand aiohttp whole request heads only: a partial head waits here, in one buffer
-        of at most `max_head_bytes`, and never reaches the parser (which would keep more
-        per header). Bytes after a head start the next one (pipelining)."""
+        """Hand aiohttp one whole request head at a time: a partial head waits here, in one
+        buffer of at most `max_head_bytes`, and never reaches the parser (which would keep
+        more per header); a head pipelined behind one not yet answered waits here too, with
+        reading paused, so that a connection costs one request's memory however many it
+        sends at once."""
         if not self._admitted or self.transport is None:
             return
+        if not self._pending and not self._outstanding and data.endswith(_HEAD_END) \
+                and data.find(_HEAD_END) == len(data) - len(_HEAD_END):
+            # The usual case: one whole request head in one read (no timer to arm).
+            if len(data) > self._table.limits.max_head_bytes:
+                self._too_large()
+                return
+            self._disarm_head_timer()  # the connection's first one, if any
+            self._outstanding = 1
+            super().data_received(data)
+            return
+        self._pending.extend(data)
+        self._next_head()
+
+    def answered(self) -> None:
+        """The request handed over last has its answer (the app's handlers call this):
+        the next pipelined head, if one waits, goes to aiohttp."""
+        if self._outstanding:
+            self._outstanding -= 1
+        if self._outstanding or self.transport is None or self.transport.is_closing():
+            return
+        if self._held:
+            self._held = False
+            self.transport.resume_reading()
+        if self._pending:
+            self._next_head()
+
+    def _next_head(self) -> None:
         limit = self._table.limits.max_head_bytes
         pending = self._pending
-        if not pending:
-            if data.endswith(_HEAD_END) and data.find(_HEAD_END) == len(data) - len(_HEAD_END):
-                # The usual case: one whole request head in one read (no timer to arm).
-                if len(data) > limit:
-                    self._too_large(limit)
-                    return
-                self._disarm_head_timer()  # the connection's first one, if any
-                super().data_received(data)
-                return
+        end = pending.find(_HEAD_END)
+        length = end + len(_HEAD_END) if end >= 0 else len(pending)
+        if length > limit or len(pending) > limit + self._table.limits.max_head_bytes:
+            self._too_large()
+            return
+        if self._outstanding:
+            # Pipelined behind a request still being answered: hold it, and read no more.
+            if not self._held and self.transport is not None:
+                self._held = True
+                self.transport.pause_reading()
+            return
+        if end < 0:
             if self._head_timer is None:
-                self._arm_head_timer()  # the first byte of a new head
-        searched = max(0, len(pending) - len(_HEAD_END) + 1)
-        pending.extend(data)
-        while True:
-            end = pending.find(_HEAD_END, searched)
-            length = end + len(_HEAD_END) if end >= 0 else len(pending)
-            if length > limit:
-                self._too_large(limit)
-                return
-            if end < 0:
-                return  # the rest of this head is still to come
-            head = bytes(pending[:length])
-            del pending[:length]
-            self._disarm_head_timer()
-            super().data_received(head)
-            if not pending or self.transport is None or self.transport.is_closing():
-                return
-            self._arm_head_timer()
-            searched = 0
+                self._arm_head_timer()  # the first bytes of a new head
+            return  # the rest of this head is still to come
+        head = bytes(pending[:length])
+        del pending[:length]
+        self._disarm_head_timer()
+        self._outstanding = 1
+        super().data_received(head)
+        if pending and self.transport is not None and not self.transport.is_closing():
+            self._next_head()  # held (the answer comes first) unless aiohttp already closed
 
-    def _too_large(self, limit: int) -> None:
+    def _too_large(self) -> None:
+        limit = self._table.limits.max_head_bytes
         self._pending.clear()
         self.close_refused("head_too_large", f"request head over {limit} bytes", status=431,
                            code="header_too_large", message=f"the request's headers exceed {limit} bytes")
@@ -230,7 +256,7 @@ class BoundedHandler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.busy or not self._pending and self._request_count:
+        if self._outstanding or not self._pending and self._request_count:
             return  # answering, or between requests: the keep-alive timeout is aiohttp's
         limit = self._table.limits.head_seconds
         self.close_refused("head_timeout", f"no whole request head within {limit:g} s", status=408,

@@ -132,7 +132,7 @@ def create_app(
     """The credentials app. `hosts` is read per request: ports bound as 0 are known only after start.
 
     Two handlers and no middleware: `credentials` does the whole request (the Host
-    check, marking the connection busy, the answer or the error, counting it), and
+    check, the answer or the error, counting it, telling the connection it answered), and
     `elsewhere` answers every other path and method with the same JSON errors. A
     middleware chain would cost every cached answer a few coroutine frames more."""
     trail = audit.IssuanceTrail(max_tokens=VERIFIED_TOKENS_MAX)
@@ -142,7 +142,6 @@ def create_app(
     async def credentials(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         connection = request.protocol
-        connection.busy += 1  # type: ignore[attr-defined]  # a BoundedHandler: not evicted while answering
         identity: Identity | None = None
         role_arn: str | None = None
         try:
@@ -184,7 +183,7 @@ def create_app(
             kind = "error"
             response = error_response(500, "internal_error", "internal error; see the daemon's log")
         finally:
-            connection.busy -= 1  # type: ignore[attr-defined]
+            connection.answered()  # type: ignore[attr-defined]  # a BoundedHandler: the next pipelined head
         count(response.status, kind, time.perf_counter() - started)
         return response
 
@@ -192,7 +191,6 @@ def create_app(
         """Any other path (404) or method (405): the JSON error every SDK parses."""
         started = time.perf_counter()
         connection = request.protocol
-        connection.busy += 1  # type: ignore[attr-defined]
         try:
             check_host(request, hosts())
             if request.path == CREDENTIALS_PATH:
@@ -205,7 +203,7 @@ def create_app(
             response = error_response(exc.status, exc.code, exc.message)
             log_failure(request, exc)
         finally:
-            connection.busy -= 1  # type: ignore[attr-defined]
+            connection.answered()  # type: ignore[attr-defined]  # a BoundedHandler: the next pipelined head
         count(response.status, "error", time.perf_counter() - started)
         return response
 
@@ -255,11 +253,10 @@ def create_metrics_app(*, not_ready: Callable[[], list[str]]) -> web.Application
     @web.middleware
     async def busy(request: web.Request, handler: Handler) -> web.StreamResponse:
         connection = request.protocol
-        connection.busy += 1  # type: ignore[attr-defined]
         try:
             return await handler(request)
         finally:
-            connection.busy -= 1  # type: ignore[attr-defined]
+            connection.answered()  # type: ignore[attr-defined]  # a BoundedHandler: the next pipelined head
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -226,6 +226,35 @@ async def test_pipelined_requests_on_one_connection_are_all_answered(
     assert answer.count(b"HTTP/1.1 200 OK") == 4
 
 
+async def test_a_flood_of_pipelined_requests_is_answered_one_at_a_time_then_cut(
+    daemon: RunningDaemon, issuer: Issuer, http: aiohttp.ClientSession
+) -> None:
+    # Thousands of requests in one write, their answers never read: aiohttp would queue
+    # every parsed request. Here one is answered at a time while the rest wait, at most
+    # two heads' worth; past that the connection is refused.
+    address = daemon.listen[0]
+    one = f"GET /nope HTTP/1.1\r\nHost: {address}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(one * 5_000)  # about 220 KB
+
+    answer = b""
+    async with asyncio.timeout(BOUND_SECONDS):
+        while True:  # until the server closes (a reset, with our unread requests still queued)
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    writer.close()
+
+    assert answer.count(b"HTTP/1.1 404") <= 2, answer.count(b"HTTP/1.1 404")
+    assert b'"code": "header_too_large"' in answer
+    assert metric("irsa_cache_connections", listener="credentials") == 0
+    await served_within(http, daemon, issuer, 1.0)
+
+
 # --- how many: the oldest idle connection makes room; a full house of busy ones refuses ---
 
 
