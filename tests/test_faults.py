@@ -119,6 +119,31 @@ async def test_the_daemon_outlives_a_misbehaving_api_server(
     assert alive(daemon)
 
 
+async def test_an_api_server_that_expires_every_watch_at_once_is_not_spun_against(
+    start_k8s_daemon: StartK8sDaemon, k8s: K8sApiDouble, cluster: Cluster, http: aiohttp.ClientSession,
+) -> None:
+    from tests.k8s_double import status_response
+
+    cluster.account("team-a", "app", ROLE_A)
+    known = cluster.pod("team-a", "app-1", "app")
+    daemon = await start_k8s_daemon(adjust=fast_api)
+
+    async def expire_watches(request: web.Request, call: object) -> web.StreamResponse | None:
+        if getattr(call, "verb", None) == "watch":
+            return status_response(410, "Expired", "too old resource version: 1 (2)")
+        return None
+
+    lists = k8s.count("list")
+    k8s.fault = expire_watches
+    k8s.drop_watches()
+    await asyncio.sleep(3.0)
+
+    # Each informer lists again after each 410; at once, every time, would be hundreds a second.
+    assert k8s.count("list") - lists < 40, k8s.count("list") - lists
+    assert alive(daemon)
+    assert (await fetch(http, daemon, cluster.token(known))).status == 200
+
+
 async def test_a_black_holed_api_server_is_noticed_and_left_behind_on_recovery(
     start_k8s_daemon: StartK8sDaemon, k8s: K8sApiDouble, cluster: Cluster, http: aiohttp.ClientSession,
 ) -> None:

@@ -146,6 +146,7 @@ class Informer:
         self._selector = {"field_selector": field_selector} if field_selector else {}
         self._rng = rng or random.Random()
         self._resource_version: str | None = None
+        self._watch_started = 0.0  # monotonic
 
     @property
     def not_ready_reason(self) -> str | None:
@@ -166,7 +167,15 @@ class Informer:
                 failures = 0
             except _Expired:
                 self._restart("expired")
-                self._resource_version = None  # relist at once: the server is fine
+                self._resource_version = None
+                if time.monotonic() - self._watch_started >= MIN_WATCH_SECONDS:
+                    continue  # history moved on while we watched: relist at once, the server is fine
+                # Expired at once, every time, would spin (a proxy answering 410 to every
+                # watch): back off as after any failure.
+                failures += 1
+                delay = self._rng.uniform(0, min(self._timeouts.backoff_max_seconds, BACKOFF_BASE_SECONDS * 2**failures))
+                log.warning("%s informer: the watch expired at once; listing again in %.1f s", self.name, delay)
+                await asyncio.sleep(delay)
             except _Silent:
                 self._restart("silent")
                 self._failed(ApiError(f"no event or bookmark for {self._timeouts.watch_silence_seconds:g} s"))
@@ -223,7 +232,7 @@ class Informer:
         log.info("%s informer: listed %d at resourceVersion %s", self.name, len(fresh), version)
 
     async def _watch(self) -> None:
-        started = time.monotonic()
+        started = self._watch_started = time.monotonic()
         response = await self._list_call(
             watch=True,
             resource_version=self._resource_version,
