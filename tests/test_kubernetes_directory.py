@@ -271,3 +271,86 @@ async def test_token_review_mode_serves_live_pods_and_refuses_the_rest(
     gone = await fetch(http, daemon, token)
     assert gone.status == 403 and gone.body["code"] == "pod_not_on_node"
     assert len(sts.assume_calls) == 1
+
+
+async def test_token_review_that_names_no_audience_is_a_rejection(
+    start_k8s_daemon: StartK8sDaemon, cluster: Cluster, k8s: K8sApiDouble, sts: StsDouble, http: aiohttp.ClientSession
+) -> None:
+    """An authenticator that is not audience-aware says `authenticated: true` and names no
+    audience; a token minted for any audience would then pass."""
+    cluster.account("shop", "checkout", ROLE_A)
+    checkout = cluster.pod("shop", "checkout-1", "checkout")
+    other_audience = cluster.issuer.mint("system:serviceaccount:shop:checkout", audience="vault",
+                                         pod_name=checkout["metadata"]["name"], pod_uid=checkout["metadata"]["uid"])
+    k8s.token_reviews = lambda token, audiences: {  # type: ignore[assignment]
+        "authenticated": True, "audiences": [],
+        "user": {"username": "system:serviceaccount:shop:checkout",
+                 "extra": {"authentication.kubernetes.io/pod-name": [checkout["metadata"]["name"]],
+                           "authentication.kubernetes.io/pod-uid": [checkout["metadata"]["uid"]]}},
+    }
+    daemon = await start_k8s_daemon("--token-review")
+
+    answer = await fetch(http, daemon, other_audience)
+
+    assert answer.status == 401 and answer.body["code"] == "token_review_rejected"
+    assert "sts.amazonaws.com" in answer.body["message"]
+    assert sts.assume_calls == []
+
+
+@pytest.mark.parametrize("shape", ["unsigned", "alg_none", "hs256", "not_a_jwt"])
+async def test_tokens_that_are_plainly_forged_never_reach_the_api_server(
+    shape: str, start_k8s_daemon: StartK8sDaemon, cluster: Cluster, k8s: K8sApiDouble, http: aiohttp.ClientSession
+) -> None:
+    cluster.account("shop", "checkout", ROLE_A)
+    checkout = cluster.pod("shop", "checkout-1", "checkout")
+    genuine = cluster.token(checkout)
+    header, payload, _ = genuine.split(".")
+    forged = {
+        "unsigned": f"{header}.{payload}.",
+        "alg_none": jwt.encode(jwt.decode(genuine, options={"verify_signature": False}), key=None, algorithm="none"),
+        "hs256": jwt.encode(jwt.decode(genuine, options={"verify_signature": False}), "secret-" * 6, algorithm="HS256"),
+        "not_a_jwt": "x" * 900,
+    }[shape]
+    daemon = await start_k8s_daemon("--token-review")
+
+    answers = [await fetch(http, daemon, forged) for _ in range(3)]
+
+    assert {(a.status, a.body["code"]) for a in answers} == {(401, "malformed_token")}
+    assert k8s.token_review_requests == []
+
+
+async def test_token_reviews_under_way_are_capped(
+    start_k8s_daemon: StartK8sDaemon, cluster: Cluster, k8s: K8sApiDouble, http: aiohttp.ClientSession
+) -> None:
+    """A flood of distinct well-formed tokens holds at most 16 reviews open against a slow
+    API server; the rest are told to retry (503) instead of piling onto it."""
+    cluster.account("shop", "checkout", ROLE_A)
+    checkout = cluster.pod("shop", "checkout-1", "checkout")
+    release = asyncio.Event()
+    open_reviews = 0
+    most_open = 0
+
+    async def slow_reviews(request: object, call: object) -> None:
+        nonlocal open_reviews, most_open
+        if getattr(call, "path", "").endswith("/tokenreviews"):
+            open_reviews += 1
+            most_open = max(most_open, open_reviews)
+            try:
+                await asyncio.wait_for(release.wait(), 5)
+            finally:
+                open_reviews -= 1
+        return None
+
+    daemon = await start_k8s_daemon("--token-review")
+    k8s.fault = slow_reviews
+    tokens = [cluster.token(checkout, jti=f"t{i}") for i in range(40)]
+
+    pending = [asyncio.ensure_future(fetch(http, daemon, token)) for token in tokens]
+    await eventually(lambda: open_reviews == 16)
+    await asyncio.sleep(0.2)
+    release.set()
+    answers = await asyncio.gather(*pending)
+
+    assert most_open == 16
+    refused = [a for a in answers if a.status == 503]
+    assert len(refused) == 40 - 16 and {a.body["code"] for a in refused} == {"directory_unavailable"}

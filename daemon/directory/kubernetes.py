@@ -19,9 +19,7 @@ The only module besides `informer.py` that knows kubernetes-asyncio.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import json
 import logging
 import math
 import re
@@ -39,7 +37,9 @@ from daemon.directory.informer import ApiError, Informer, Key, Obj, key_of, raw_
 from daemon.errors import DirectoryUnavailableError, IdentityNotAllowedError, TokenError
 from daemon.logs import describe
 from daemon.models import CacheKey, Clock, Identity, VerifiedToken, fingerprint
-from daemon.tokens import retry_until_done
+from daemon import jws
+from daemon.sts import safe_text
+from daemon.tokens import ALLOWED_ALGORITHMS, retry_until_done
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +303,21 @@ class TokenReviewVerifier:
     Results are kept per token digest until the token's `exp`, which is read from the
     (already reviewed) payload. A rejected token is remembered for `rejected_seconds`,
     so that a stream of bad tokens costs the API server one review each, not one per
-    request.
+    request; and only a well-formed compact JWS with a signing algorithm of the
+    allow-list and a future `exp` is sent for review, at most `max_reviews` at once
+    (past that, 503), so that forged tokens cannot make the API server's load.
+
+    The review must name our audience in `status.audiences`: an authenticator that is not
+    audience-aware answers `authenticated: true` with no audience, which would let a token
+    minted for another audience (or none) through.
     """
 
     def __init__(self, *, api: client.ApiClient, issuer: str | None, audience: str, clock: Clock, max_cached: int,
                  timeouts: ApiTimeouts, discover_issuer: Callable[[], Awaitable[str]] | None = None,
-                 rejected_seconds: float = 30.0) -> None:
+                 rejected_seconds: float = 30.0, max_reviews: int = 16) -> None:
         self._retry_max_seconds = timeouts.backoff_max_seconds
+        self._max_reviews = max_reviews
+        self._reviewing = 0
         self._auth = client.AuthenticationV1Api(api)
         self.issuer = issuer
         self._discover_issuer = discover_issuer
@@ -365,16 +373,27 @@ class TokenReviewVerifier:
         expires_at = _unverified_expiry(token)
         if expires_at is None:
             metrics.token_verification("malformed_token").inc()
-            raise TokenError("the token is not a JWT with a finite `exp` claim", code="malformed_token")
+            raise TokenError("the token is not a signed JWT with a finite `exp` claim", code="malformed_token")
         if expires_at <= now:
             metrics.token_verification("expired_token").inc()
             raise TokenError("the token has expired", code="expired_token")
-        status = await self._review(token)
+        if self._reviewing >= self._max_reviews:
+            raise DirectoryUnavailableError(f"{self._reviewing} TokenReviews are under way already; retry shortly",
+                                            code="directory_unavailable")
+        self._reviewing += 1
+        try:
+            status = await self._review(token)
+        finally:
+            self._reviewing -= 1
+        audiences = status.get("audiences")
+        if status.get("authenticated") is True and not (isinstance(audiences, list) and self.audience in audiences):
+            status = {"error": f"the review does not name the audience {self.audience!r} (an authenticator that "
+                               "is not audience-aware)"}
         if status.get("authenticated") is not True:
             metrics.token_verification("token_review_rejected").inc()
             error = TokenError(
                 "the API server's TokenReview rejected the token: "
-                f"{str(status.get('error') or 'not authenticated')[:200]}",
+                f"{safe_text(str(status.get('error') or 'not authenticated'), token)}",
                 code="token_review_rejected",
             )
             self._rejected[digest] = (now + self._rejected_seconds, error)
@@ -437,12 +456,17 @@ def _unreachable(exc: BaseException) -> str:
 
 
 def _unverified_expiry(token: str) -> float | None:
+    """The `exp` of a token that at least looks like one the API server signed: a compact
+    JWS whose header names an algorithm of the allow-list. (The API server checks the
+    signature; this only keeps what is plainly not a token from reaching it.)"""
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
+        compact = jws.parse(token)
+        if compact.header.get("alg") not in ALLOWED_ALGORITHMS or not compact.signature:
+            return None
+        claims = jws.payload(compact)
+    except jws.MalformedError:
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
         return None
     return float(exp)
