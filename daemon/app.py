@@ -52,7 +52,6 @@ from daemon.tokens import FileKeySource, TokenVerifier
 
 log = logging.getLogger(__name__)
 
-DIRECTORY_SYNC_WAIT_SECONDS = 10.0
 BIND_WAIT_SECONDS = 30.0  # for a predecessor that does not hand over to let go of an address
 STATUS_INTERVAL_SECONDS = 1.0
 CLEANUP_SECONDS = 2.0  # after the drain: close what is left
@@ -499,12 +498,12 @@ def _with_max(limits: config.ConnectionLimits, max_connections: int) -> config.C
 async def _wait_ready(directory: Directory, verifier: server.Verifier) -> None:
     """Give the directory and the keys a moment before serving; /readyz tells the rest."""
     try:
-        async with asyncio.timeout(DIRECTORY_SYNC_WAIT_SECONDS):
+        async with asyncio.timeout(config.DIRECTORY_SYNC_WAIT_SECONDS):
             while not (directory.ready and verifier.ready):
                 await asyncio.sleep(0.05)
     except TimeoutError:
         reasons = "; ".join(r for r in (verifier.not_ready_reason, directory.not_ready_reason) if r)
-        log.warning("not ready after %.0f s (%s); serving, /readyz says not ready", DIRECTORY_SYNC_WAIT_SECONDS,
+        log.warning("not ready after %.0f s (%s); serving, /readyz says not ready", config.DIRECTORY_SYNC_WAIT_SECONDS,
                     reasons)
 
 

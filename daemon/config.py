@@ -66,6 +66,7 @@ STS_EXCHANGE_DEADLINE_SECONDS = 30.0  # an exchange gives up after this, retries
 REFUSAL_SECONDS = 30.0  # a permanent STS refusal is answered from memory this long
 INVALID_TOKEN_REFUSAL_SECONDS = 5.0  # InvalidIdentityToken: may be STS failing to fetch the keys
 ABSENT_POD_SECONDS = 30.0  # a pod found absent from this node is remembered this long
+DIRECTORY_SYNC_WAIT_SECONDS = 10.0  # at start, serving waits this long at most for the directory to sync
 DRAIN_SECONDS = 20.0  # SIGTERM: in-flight requests finish within this (the pod's grace is 30 s)
 FD_RESERVE = 128  # file descriptors kept for everything but client connections
 

@@ -48,6 +48,7 @@ from typing import Any
 
 from daemon import metrics
 from daemon.cache import EntryState, RefusalState
+from daemon import config
 from daemon.config import Address
 from daemon.errors import DaemonError, StsDeniedError, StsError, StsTimeoutError, StsUnavailableError
 from daemon.logs import describe
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 WIRE_VERSION = 1
 STATE_VERSION = 1
 HANDOFF_SECONDS = 5.0  # a successor waits at most this for its predecessor, then starts cold
+# The predecessor waits this long for "done": the successor confirms only once it serves,
+# after waiting up to DIRECTORY_SYNC_WAIT_SECONDS for its directory, plus its setup.
+CONFIRM_SECONDS = config.DIRECTORY_SYNC_WAIT_SECONDS + 2 * HANDOFF_SECONDS
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # 20,000 identities are a few tens of MB
 MAX_SOCKETS = 16
 _LENGTH = struct.Struct(">I")
@@ -81,28 +85,30 @@ def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = 
 
 def _receive(sock: socket.socket, *, with_fds: bool = False) -> tuple[dict[str, Any], list[int]]:
     fds: list[int] = []
-    if with_fds:
-        data, fds, _, _ = socket.recv_fds(sock, 64 * 1024, MAX_SOCKETS)
-        if not data:
-            raise HandoffError("the peer closed the connection")
-    else:
-        data = b""
-    data = _read_exactly(sock, _LENGTH.size, data)
-    (length,) = _LENGTH.unpack(data[: _LENGTH.size])
-    if length > MAX_FRAME_BYTES:
-        for fd in fds:
-            os.close(fd)
-        raise HandoffError(f"a frame of {length} bytes announced: not the handoff protocol")
-    body = _read_exactly(sock, _LENGTH.size + length, data)[_LENGTH.size:]
     try:
-        message = json.loads(body)
-    except ValueError:
-        for fd in fds:
-            os.close(fd)
-        raise HandoffError("a frame that is not JSON: not the handoff protocol") from None
-    if not isinstance(message, dict):
-        raise HandoffError("a frame that is not a JSON object")
-    return message, fds
+        if with_fds:
+            data, fds, _, _ = socket.recv_fds(sock, 64 * 1024, MAX_SOCKETS)
+            if not data:
+                raise HandoffError("the peer closed the connection")
+        else:
+            data = b""
+        data = _read_exactly(sock, _LENGTH.size, data)
+        (length,) = _LENGTH.unpack(data[: _LENGTH.size])
+        if length > MAX_FRAME_BYTES:
+            raise HandoffError(f"a frame of {length} bytes announced: not the handoff protocol")
+        body = _read_exactly(sock, _LENGTH.size + length, data)[_LENGTH.size:]
+        try:
+            message = json.loads(body)
+        except ValueError:
+            raise HandoffError("a frame that is not JSON: not the handoff protocol") from None
+        if not isinstance(message, dict):
+            raise HandoffError("a frame that is not a JSON object")
+        return message, fds
+    except BaseException:
+        for fd in fds:  # descriptors that came with a broken frame are nobody's: close them
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
 
 
 def _read_exactly(sock: socket.socket, size: int, have: bytes) -> bytes:
@@ -302,6 +308,7 @@ class Predecessor:
             entries = []
             _send(connection, {"state": None, "reason": f"state version {STATE_VERSION} is not one the successor "
                                f"reads ({wanted})"})
+        connection.settimeout(CONFIRM_SECONDS)
         done, _ = _receive(connection)
         if done.get("done") is not True:
             raise HandoffError("the successor did not confirm")

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -382,3 +383,70 @@ async def test_the_first_upgrade_from_a_release_without_handoff_cannot_surge(
         assert any("cached identities taken over" in str(line.get("message")) for line in c.lines())
     finally:
         await asyncio.to_thread(b.__exit__)
+
+
+async def test_a_successor_that_syncs_before_confirming_still_retires_the_predecessor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The successor says "done" only once it serves, which may follow a directory sync
+    far longer than the handoff's own bound: the predecessor must wait for it, or both
+    generations would go on refreshing and answering metrics."""
+    monkeypatch.setattr(handoff, "HANDOFF_SECONDS", 0.3)  # the exchange's bound, not the confirmation's
+    path = tmp_path / "handoff.sock"
+    listening = socket.create_server(("127.0.0.1", 0))
+    retired = asyncio.Event()
+    predecessor = handoff.Predecessor(path=path, sockets=[("credentials", listening)], snapshot=lambda: ([], []),
+                                      on_handed_over=retired.set)
+    predecessor.start()
+    try:
+        inheritance = await asyncio.to_thread(handoff.inherit, path)
+        assert inheritance is not None
+        await asyncio.sleep(1.0)  # syncing, more than three times the exchange's bound
+        await asyncio.to_thread(inheritance.confirm)
+        await asyncio.wait_for(retired.wait(), 5)
+        for _, _, inherited in inheritance.sockets:
+            inherited.close()
+    finally:
+        predecessor.close()
+        listening.close()
+    assert handoff.CONFIRM_SECONDS > config.DIRECTORY_SYNC_WAIT_SECONDS
+
+
+def _descriptors_of(sock: socket.socket) -> int:
+    """How many of our descriptors refer to the socket `sock` refers to (dups included)."""
+    target = os.readlink(f"/proc/self/fd/{sock.fileno()}")
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == target
+        except OSError:
+            pass  # the listing's own descriptor, gone by now
+    return count
+
+
+@pytest.mark.parametrize("frame", [struct.pack(">I", 3) + b"[1]", struct.pack(">I", 100) + b'{"sockets":'],
+                         ids=["json-not-an-object", "cut-short"])
+def test_descriptors_that_come_with_a_broken_frame_are_closed(tmp_path: Path, frame: bytes) -> None:
+    path = tmp_path / "handoff.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    baits = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
+
+    def broken_predecessor() -> None:
+        connection, _ = server.accept()
+        with connection:
+            handoff._receive(connection)  # the hello
+            socket.send_fds(connection, [frame], [bait.fileno() for bait in baits])
+
+    thread = threading.Thread(target=broken_predecessor)
+    thread.start()
+    try:
+        assert handoff.inherit(path, timeout_seconds=2) is None
+    finally:
+        thread.join(5)
+        server.close()
+    copies = [_descriptors_of(bait) for bait in baits]
+    for bait in baits:
+        bait.close()
+    assert copies == [1, 1, 1]  # the bait itself, and no copy left in the successor
