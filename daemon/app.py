@@ -19,7 +19,7 @@ What a failure means, per root task:
   cause it: every upstream answer is translated at its client.
 
 SIGTERM: /readyz turns 503 ("draining"), the credentials sockets stop accepting,
-requests under way (including callers held for an STS exchange) are answered within
+idle keep-alive connections close (the others after their answer), requests under way (including callers held for an STS exchange) are answered within
 `drain_seconds`: when they are not done by then, held callers get 503 with
 Retry-After (every SDK retries it, on the next daemon). Then the daemon exits 0.
 """
@@ -86,9 +86,11 @@ class RunningDaemon:
         log.info("draining: no new connections; answering requests under way within %.0f s", seconds)
         for listener in self.credentials:
             listener.stop_accepting()
+        tables = {listener.table for listener in self.credentials}
+        for table in tables:
+            table.close_after_answers()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        tables = {listener.table for listener in self.credentials}
         # Held callers wait for their exchanges until a second before the deadline...
         while any(table.busy for table in tables) and loop.time() < deadline - 1.0:
             await asyncio.sleep(0.05)

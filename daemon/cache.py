@@ -10,7 +10,7 @@ Entries are keyed by `CacheKey` (role, issuer, subject, audience). The rules:
   A caller whose credentials are under the serve floor but still valid waits at most
   `refresh_wait_seconds` for the refresh, then gets the old ones. Holding costs a
   connection, not a thread; the server bounds connections. `release_waiters()` answers
-  every held caller at once (shutdown);
+  every held caller at once and starts no exchange from then on (shutdown);
 - refresh ahead: at half the lifetime, jittered by +/- `refresh_jitter` of it, using
   the freshest valid token seen for the key; only entries still in use;
 - serve floor: never answer with less than `serve_floor_seconds` left while a
@@ -19,8 +19,11 @@ Entries are keyed by `CacheKey` (role, issuer, subject, audience). The rules:
 - remembered refusals: a permanent STS answer is kept for `refusal_seconds`
   (`invalid_token_refusal_seconds` for InvalidIdentityToken, which may be STS failing
   to fetch the issuer's keys; per token for a token-specific answer such as
-  ExpiredTokenException), so that a refused identity costs STS a bounded number of
-  calls whatever its pods do; `drop()` (a role changed) clears them at once. Passing
+  ExpiredTokenException, which keeps the identity's credentials and drops only that
+  token), so that a refused identity costs STS a bounded number of calls whatever its
+  pods do; they are consulted whenever an exchange would start, and `drop()` (a role
+  changed) clears them at once. Exchanges use the freshest valid token any pod of the
+  identity presented, not necessarily the caller's. Passing
   failures (throttling, 5xx) are not remembered for callers: the STS budget paces
   the retries, and a pod's retry joins a new exchange;
 - credentials that arrive already (or nearly) expired by this node's clock are
@@ -113,6 +116,7 @@ class RefusalState:
 
 # Refusals that concern the token presented, not the identity: another token may pass.
 _TOKEN_REFUSALS = frozenset({"ExpiredTokenException"})
+SHUTTING_DOWN = "irsa-cache is shutting down; retry in a second (the next daemon on this node answers)"
 
 
 @dataclass(eq=False, slots=True)
@@ -170,7 +174,7 @@ class CredentialCache:
         self._sequence = itertools.count()
         # Permanent STS refusals by key, or by (key, token fingerprint); oldest first.
         self._refusals: OrderedDict[CacheKey | tuple[CacheKey, str], _Refusal] = OrderedDict()
-        self._closing: asyncio.Future[None] | None = None  # set by release_waiters()
+        self._stopping = False  # set by release_waiters(): no caller is held, no exchange started
         self._retired = False  # a successor refreshes now: this cache starts no refresh
         self._waiters: set[asyncio.Future[None]] = set()  # one per caller held for an exchange
 
@@ -198,13 +202,18 @@ class CredentialCache:
         if cached is not None and self._fresh(entry, cached, now):
             return cached, Outcome.HIT
         stale = cached if cached is not None and self._servable_stale(cached, now) else None
-        if entry.exchange is None and now < entry.retry_at:
-            if stale is not None:
-                return stale, Outcome.STALE  # STS failed moments ago: do not call it again yet
-            self._raise_if_refused(key, token, now)  # InvalidIdentityToken keeps the entry
-
         joined = entry.exchange is not None
-        exchange = entry.exchange or self._start_exchange(entry, token, Priority.CALLER)
+        if not joined:
+            if stale is not None and now < entry.retry_at:
+                return stale, Outcome.STALE  # STS failed moments ago: do not call it again yet
+            if self._stopping:
+                if stale is not None:
+                    return stale, Outcome.STALE
+                raise OverloadedError(SHUTTING_DOWN, retry_after_seconds=1)
+            # The freshest token of the identity's pods, not necessarily the caller's.
+            exchange_token = entry.usable_token(now) or token
+            self._raise_if_refused(key, exchange_token, now)
+        exchange = entry.exchange or self._start_exchange(entry, exchange_token, Priority.CALLER)
         ticket = entry.ticket
         if joined and ticket is not None:
             self._source.promote(ticket)  # a refresh nobody waited for now has a caller
@@ -232,8 +241,8 @@ class CredentialCache:
         burst of a thousand callers paid a quadratic cost.)"""
         if exchange.done():
             return True
-        if self._closing is not None and self._closing.done():
-            return False  # stopping: nobody is held any more
+        if self._stopping:
+            return False  # nobody is held any more
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
 
@@ -255,10 +264,7 @@ class CredentialCache:
     def release_waiters(self) -> None:
         """Answer every caller held for an exchange now (503 + Retry-After, or its still
         valid credentials): the daemon is stopping. Exchanges are not cancelled here."""
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-        if not self._closing.done():
-            self._closing.set_result(None)
+        self._stopping = True
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -488,8 +494,8 @@ class CredentialCache:
         return credentials.remaining(now) > self._policy.stale_cutoff_seconds
 
     def _still_waiting(self, exchange: asyncio.Task[Credentials], ticket: Ticket | None, hold: float) -> str:
-        if self._closing is not None and self._closing.done():
-            return "irsa-cache is shutting down; retry in a second (the next daemon on this node answers)"
+        if self._stopping:
+            return SHUTTING_DOWN
         if ticket is not None and ticket.queued:
             return (
                 f"the STS exchange for this identity is still queued behind the node's STS budget after "
@@ -582,7 +588,12 @@ class CredentialCache:
                            "permanent": _permanent(exc)})
         if isinstance(exc, StsDeniedError) or _permanent(exc):
             self._remember_refusal(entry, token, exc)  # type: ignore[arg-type]
-        if _permanent(exc):
+        if getattr(exc, "sts_code", None) in _TOKEN_REFUSALS:
+            # The token is refused, not the identity: the credentials cached for the
+            # identity's other pods stay, and this token refreshes nothing any more.
+            if entry.token is token:
+                entry.token = None
+        elif _permanent(exc):
             self._evict(entry, "denied")
 
     def _refresh_time(self, credentials: Credentials, now: float) -> float:

@@ -133,6 +133,16 @@ class ConnectionTable:
         if self._open.pop(connection, 0) is None:
             self._gauge.set(len(self._open))
 
+    def close_after_answers(self) -> None:
+        """Draining: idle connections close now, the others once their request under way
+        is answered, so that keep-alive clients reconnect (to the next generation, which
+        shares the listening socket) instead of asking a daemon on its way out."""
+        for connection in list(self._open):
+            if connection.busy:
+                connection.close()  # aiohttp: no keep-alive after the answer under way
+            else:
+                connection.force_close()  # close() would only cancel its wait, leaving the socket open
+
 
 Render = Callable[[int, str, str], bytes]
 """(status, code, message) -> a whole HTTP/1.1 response that closes the connection."""

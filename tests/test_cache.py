@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from datetime import datetime, timezone
 
@@ -546,3 +547,91 @@ async def test_an_identity_with_a_live_pod_is_never_idle_evicted(clock: FakeCloc
     clock.advance(POLICY.idle_evict_seconds + 1)
     cache.maintain()
     assert key_for(token) not in cache
+
+
+def tagged(token: VerifiedToken, tag: str) -> VerifiedToken:
+    """The same identity's token with a fingerprint of its own (another pod's)."""
+    return dataclasses.replace(token, fingerprint=tag, raw=f"{token.raw}-{tag}")
+
+
+async def test_an_exchange_uses_the_freshest_token_of_the_identity_not_the_callers(
+    clock: FakeClock, source: FakeSource
+) -> None:
+    cache = new_cache(source, clock)
+    fresh = tagged(make_token(clock, lifetime=86_400), "pod-a")
+    await cache.get(key_for(fresh), fresh)
+    clock.advance(SESSION_SECONDS - 900)  # under the serve floor: the next caller's request refreshes
+    lagging = tagged(make_token(clock, lifetime=30), "pod-b")  # a pod whose kubelet is late rotating
+
+    await cache.get(key_for(lagging), lagging)
+
+    assert [token.fingerprint for _, token in source.calls] == ["pod-a", "pod-a"]
+
+
+async def test_a_refused_token_costs_the_identity_neither_its_credentials_nor_its_refreshes(
+    clock: FakeClock, source: FakeSource
+) -> None:
+    """ExpiredTokenException concerns the token exchanged, not the identity: the other
+    pods of the identity keep the credentials cached for them, and the refused token is
+    not used again."""
+    cache = new_cache(source, clock)
+    only = tagged(make_token(clock, lifetime=SESSION_SECONDS), "pod-a")
+    first, _ = await cache.get(key_for(only), only)
+    clock.advance(SESSION_SECONDS - 900)
+    source.error = StsDeniedError("ExpiredTokenException: Token expired", sts_code="ExpiredTokenException")
+
+    with pytest.raises(StsDeniedError):
+        await cache.get(key_for(only), only)
+
+    assert key_for(only) in cache
+    source.error = None
+    rotated = tagged(make_token(clock, lifetime=86_400), "pod-a-rotated")
+    served, outcome = await cache.get(key_for(rotated), rotated)
+    assert outcome is Outcome.STALE and served == first  # STS refused moments ago: the old ones, no call
+    calls = len(source.calls)
+    clock.advance(POLICY.retry_max_seconds + 1)
+    renewed, outcome = await cache.get(key_for(rotated), rotated)
+    assert outcome is Outcome.MISS and renewed != first
+    assert [token.fingerprint for _, token in source.calls[calls:]] == ["pod-a-rotated"]
+
+
+async def test_a_remembered_refusal_holds_after_the_retry_backoff(clock: FakeClock, source: FakeSource) -> None:
+    """The refusal is consulted whenever an exchange would start, not only while the
+    entry backs off: a pod retrying after its backoff but within the refusal's memory
+    costs STS nothing."""
+    policy = dataclasses.replace(POLICY, retry_base_seconds=1.0, invalid_token_refusal_seconds=10.0)
+    cache = new_cache(source, clock, policy)
+    token = make_token(clock)
+    source.error = StsDeniedError("InvalidIdentityToken: no keys", sts_code="InvalidIdentityToken",
+                                  permanent=False)
+    with pytest.raises(StsDeniedError):
+        await cache.get(key_for(token), token)
+    assert key_for(token) in cache  # InvalidIdentityToken may pass: the entry stays
+
+    clock.advance(3)  # the entry's retry time has passed, the refusal's memory has not
+    with pytest.raises(StsDeniedError):
+        await cache.get(key_for(token), token)
+    assert len(source.calls) == 1
+
+    clock.advance(8)
+    source.error = None
+    assert (await cache.get(key_for(token), token))[1] is Outcome.MISS
+    assert len(source.calls) == 2
+
+
+async def test_a_stopping_cache_serves_what_it_has_and_starts_no_exchange(
+    clock: FakeClock, source: FakeSource
+) -> None:
+    cache = new_cache(source, clock)
+    cached = make_token(clock, "system:serviceaccount:ns:cached")
+    await cache.get(key_for(cached), cached)
+    cache.release_waiters()
+
+    assert (await cache.get(key_for(cached), cached))[1] is Outcome.HIT
+    newcomer = make_token(clock, "system:serviceaccount:ns:newcomer")
+    with pytest.raises(OverloadedError, match="shutting down"):
+        await cache.get(key_for(newcomer), newcomer)
+    clock.advance(SESSION_SECONDS - 900)  # under the floor: served as they are, not refreshed
+    assert (await cache.get(key_for(cached), cached))[1] is Outcome.STALE
+    await settle()
+    assert len(source.calls) == 1

@@ -104,3 +104,34 @@ async def test_a_caller_with_still_valid_credentials_gets_them_at_the_drain_dead
     answer = await asyncio.wait_for(held, BOUND_SECONDS)
 
     assert answer.status == 200 and answer.body["AccessKeyId"] == first.body["AccessKeyId"]
+
+
+async def test_draining_closes_keep_alive_connections_after_their_answer(
+    start_daemon: StartDaemon, issuer: Issuer, sts: StsDouble
+) -> None:
+    """A keep-alive client must not keep asking a daemon on its way out: the idle
+    connection closes at once, the busy one right after its answer."""
+    daemon = await start_daemon()
+    host, port = daemon.listen[0].host, daemon.listen[0].port
+
+    def request(subject: str) -> bytes:
+        return (f"GET /v1/credentials HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Authorization: {issuer.mint(subject)}\r\n\r\n").encode()
+
+    idle_reader, idle_writer = await asyncio.open_connection(host, port)
+    idle_writer.write(request(SUBJECT_A))
+    assert (await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), BOUND_SECONDS)).startswith(b"HTTP/1.1 200")
+    await asyncio.wait_for(idle_reader.read(int(1e5)), BOUND_SECONDS)  # the body; the connection stays open
+    sts.delay_seconds = 1.0
+    busy_reader, busy_writer = await asyncio.open_connection(host, port)
+    busy_writer.write(request("system:serviceaccount:batch:slow"))
+    await asyncio.sleep(0.3)
+
+    draining = asyncio.create_task(daemon.drain(10.0))
+    assert await asyncio.wait_for(idle_reader.read(), 2.0) == b""  # closed by the daemon, not by us
+    answer = await asyncio.wait_for(busy_reader.read(), BOUND_SECONDS)  # whole answer, then the close
+    await asyncio.wait_for(draining, BOUND_SECONDS)
+
+    assert answer.startswith(b"HTTP/1.1 200") and b'"AccessKeyId"' in answer
+    for writer in (idle_writer, busy_writer):
+        writer.close()
