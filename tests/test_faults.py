@@ -24,6 +24,7 @@ from aiohttp import web
 from daemon import config
 from daemon.__main__ import build_parser
 from daemon.app import RunningDaemon
+from daemon.models import CacheKey
 from daemon.embedded import Background, Issuer, free_port
 from tests.conftest import (
     FakeClock, ROLE_A, ROLE_B, SUBJECT_A, SUBJECT_B, Cluster, StartDaemon, StartK8sDaemon, eventually, fetch, metric,
@@ -258,6 +259,77 @@ async def test_a_pod_not_on_this_node_costs_one_api_read_however_often_it_asks(
     await eventually(lambda: ("team-a", "app-9") in daemon.directory.pods.store, seconds=BOUND_SECONDS)  # type: ignore[attr-defined]
     answer = await fetch(http, daemon, token)
     assert answer.status == 200, answer.body
+
+
+async def test_pods_with_fields_of_the_wrong_type_are_refused_and_disturb_nothing_else(
+    start_k8s_daemon: StartK8sDaemon, k8s: K8sApiDouble, cluster: Cluster, http: aiohttp.ClientSession,
+) -> None:
+    """A broken API server (or a conversion webhook gone wrong) sends a pod whose phase,
+    node or uid is not a string: that pod is refused by name, and the informer, its
+    store and the live-pod counts that decide refreshes go on as if it were not there."""
+    cluster.account("team-a", "app", ROLE_A)
+    cluster.account("team-a", "odd", ROLE_B)
+    odd = cluster.pod("team-a", "odd-1", "odd")
+    k8s.update(dict(odd, status={"phase": ["Running"]}))  # listed at start
+    first = cluster.pod("team-a", "app-1", "app")
+    daemon = await start_k8s_daemon(adjust=fast_api)
+    odd_twin = cluster.pod("team-a", "odd-2", "odd")
+    k8s.update(dict(odd_twin, spec=dict(odd_twin["spec"], nodeName=["node-a"]),
+                    metadata=dict(odd_twin["metadata"], uid={"not": "a string"})))  # seen through the watch
+    second = cluster.pod("team-a", "app-2", "app")  # after the odd ones, on the same watch
+    await eventually(lambda: ("team-a", "app-2") in daemon.directory.pods.store, seconds=BOUND_SECONDS)  # type: ignore[attr-defined]
+
+    refused = await fetch(http, daemon, cluster.token(odd))
+    assert refused.status == 403 and refused.body["code"] == "pod_not_live", refused.body
+    twin = await fetch(http, daemon, cluster.token(odd_twin))
+    assert twin.status == 403 and twin.body["code"] == "pod_on_other_node", twin.body
+    for pod_ in (first, second):
+        assert (await fetch(http, daemon, cluster.token(pod_))).status == 200
+    assert (await readiness(http, daemon))[0] == 200 and alive(daemon)
+    in_use = daemon.directory.in_use  # type: ignore[attr-defined]
+    key = CacheKey(ROLE_A, cluster.issuer.url, "system:serviceaccount:team-a:app", "sts.amazonaws.com")
+    assert in_use(key)
+    k8s.delete(first)
+    k8s.delete(second)
+    await eventually(lambda: not in_use(key), seconds=BOUND_SECONDS)
+
+
+async def test_a_failing_change_handler_leaves_the_informer_and_its_store_whole(
+    k8s: K8sApiDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in what reacts to a change must not stop the informer: its store is the
+    truth the directory serves from, and the changes after the bad one still arrive."""
+    from kubernetes_asyncio import client
+
+    from daemon.directory.informer import Informer
+
+    k8s.create(service_account("team-a", "bug-1", ROLE_A))
+    k8s.create(service_account("team-a", "fine-1", ROLE_A))
+    seen: list[str] = []
+
+    def on_change(old: dict | None, new: dict | None) -> None:
+        name = (new or old or {})["metadata"]["name"]
+        if name.startswith("bug-"):
+            raise KeyError("a bug in the handler")
+        seen.append(name)
+
+    async with client.ApiClient(k8s.client_configuration()) as api:
+        informer = Informer(name="serviceaccounts", list_call=client.CoreV1Api(api).list_service_account_for_all_namespaces,
+                            on_change=on_change, timeouts=FAST_API)
+        running = asyncio.create_task(informer.run())
+        try:
+            await asyncio.wait_for(informer.synced.wait(), BOUND_SECONDS)
+            k8s.create(service_account("team-a", "bug-2", ROLE_A))
+            k8s.create(service_account("team-a", "fine-2", ROLE_A))
+            await eventually(lambda: "fine-2" in seen, seconds=BOUND_SECONDS)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+    assert set(informer.store) == {("team-a", n) for n in ("bug-1", "fine-1", "bug-2", "fine-2")}
+    assert sorted(seen) == ["fine-1", "fine-2"] and informer.healthy
+    assert k8s.count("list", "/api/v1/serviceaccounts") == 1  # no relist: the bug is not the server's
+    assert "team-a/bug-2 failed (a bug in irsa-cache)" in caplog.text
 
 
 # --- STS misbehaving ---

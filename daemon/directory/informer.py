@@ -222,10 +222,10 @@ class Informer:
         old_store, self.store = self.store, fresh
         for key, item in fresh.items():
             if old_store.get(key) != item:
-                self._on_change(old_store.get(key), item)
+                self._notify(old_store.get(key), item)
         for key, item in old_store.items():
             if key not in fresh:
-                self._on_change(item, None)
+                self._notify(item, None)
         self._resource_version = version
         self._recovered()
         self.synced.set()
@@ -298,10 +298,19 @@ class Informer:
         old = self.store.get(key)
         if kind == "DELETED":
             self.store.pop(key, None)
-            self._on_change(old, None)
+            self._notify(old, None)
         else:
             self.store[key] = obj
-            self._on_change(old, obj)
+            self._notify(old, obj)
+
+    def _notify(self, old: Obj | None, new: Obj | None) -> None:
+        """Tell `on_change`; its failure, a bug, is logged and does not stop the informer
+        (the store is updated already: stopping would leave what derives from it behind)."""
+        try:
+            self._on_change(old, new)
+        except Exception:
+            log.exception("%s informer: handling the change of %s failed (a bug in irsa-cache)", self.name,
+                          "/".join(key_of(new or old) or ("?",)))
 
     def _recovered(self) -> None:
         if not self.healthy and self.unhealthy_since is not None:

@@ -167,17 +167,17 @@ class KubernetesDirectory:
         if pod is None:
             raise self._remember_absent(key, IdentityNotAllowedError(
                 f"{where} is not running on node {self._node}", code="pod_not_on_node"))
-        node = _field(pod, "spec", "nodeName")
+        node = _text(pod, "spec", "nodeName")
         if node != self._node:
             raise self._remember_absent(key, IdentityNotAllowedError(
                 f"{where} runs on node {node!r}, not on this node {self._node!r}", code="pod_on_other_node"))
-        uid = _field(pod, "metadata", "uid")
+        uid = _text(pod, "metadata", "uid")
         if uid != identity.pod_uid:
             raise IdentityNotAllowedError(
                 f"{where} has uid {uid}, the token was issued to uid {identity.pod_uid} "
                 "(a deleted pod's token)", code="pod_uid_mismatch",
             )
-        phase = _field(pod, "status", "phase")
+        phase = _text(pod, "status", "phase")
         if phase not in LIVE_PHASES:
             raise IdentityNotAllowedError(f"{where} is {phase}, no longer live", code="pod_not_live")
 
@@ -256,9 +256,8 @@ class KubernetesDirectory:
     def _pod_changed(self, old: Obj | None, new: Obj | None) -> None:
         for pod, delta in ((old, -1), (new, +1)):
             key = key_of(pod)
-            if key is not None and _field(pod, "status", "phase") in LIVE_PHASES:
-                account_name = _field(pod, "spec", "serviceAccountName")
-                account = (key[0], account_name if isinstance(account_name, str) and account_name else "default")
+            if key is not None and _text(pod, "status", "phase") in LIVE_PHASES:
+                account = (key[0], _text(pod, "spec", "serviceAccountName") or "default")
                 self._live_pods_per_account[account] += delta
                 if self._live_pods_per_account[account] <= 0:
                     del self._live_pods_per_account[account]
@@ -400,8 +399,7 @@ class TokenReviewVerifier:
             while len(self._rejected) > self._max_cached:
                 self._rejected.popitem(last=False)
             raise error
-        username = _field(status, "user", "username")
-        username = username if isinstance(username, str) else ""
+        username = _text(status, "user", "username") or ""
         account = _account_of(username) or (None, None)
         identity = Identity(
             issuer=self.issuer,
@@ -443,6 +441,12 @@ def _field(obj: Any, *path: str) -> Any:
             return None
         obj = obj.get(name)
     return obj
+
+
+def _text(obj: Any, *path: str) -> str | None:
+    """A string field, or None where it is missing or of another type (a broken API server)."""
+    value = _field(obj, *path)
+    return value if isinstance(value, str) else None
 
 
 def _first(values: Any) -> str | None:
