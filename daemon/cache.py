@@ -55,12 +55,12 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import NamedTuple
 from dataclasses import dataclass, field
 
 from daemon import metrics
 from daemon.errors import DaemonError, OverloadedError, StsDeniedError, StsError, StsUnavailableError
 from daemon.models import CacheKey, Clock, Credentials, ExchangeSource, Priority, Ticket, VerifiedToken
+from daemon.refusals import Refusals
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,6 @@ class CachePolicy:
     refusal_seconds: float = 30.0  # a permanent STS refusal is answered from memory this long
     invalid_token_refusal_seconds: float = 5.0  # InvalidIdentityToken: may be STS failing to fetch keys
     max_refusals: int = 20_000
-
-
-class _Refusal(NamedTuple):
-    until: float
-    error: DaemonError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +168,7 @@ class CredentialCache:
         self._expiries: list[tuple[float, int, _Entry]] = []  # (credentials expire at, ...)
         self._sequence = itertools.count()
         # Permanent STS refusals by key, or by (key, token fingerprint); oldest first.
-        self._refusals: OrderedDict[CacheKey | tuple[CacheKey, str], _Refusal] = OrderedDict()
+        self._refusals: Refusals[CacheKey | tuple[CacheKey, str], DaemonError] = Refusals(policy.max_refusals)
         self._stopping = False  # set by release_waiters(): no caller is held, no exchange started
         self._retired = False  # a successor refreshes now: this cache starts no refresh
         self._waiters: set[asyncio.Future[None]] = set()  # one per caller held for an exchange
@@ -280,24 +275,17 @@ class CredentialCache:
 
     def _raise_if_refused(self, key: CacheKey, token: VerifiedToken, now: float) -> None:
         for refusal_key in (key, (key, token.fingerprint)):
-            refusal = self._refusals.get(refusal_key)
-            if refusal is None:
-                continue
-            if now >= refusal.until:
-                del self._refusals[refusal_key]
-                continue
-            metrics.REFUSALS_REMEMBERED.labels(kind="sts_refusal").inc()
-            raise refusal.error.with_traceback(None)
+            refusal = self._refusals.get(refusal_key, now)
+            if refusal is not None:
+                metrics.REFUSALS_REMEMBERED.labels(kind="sts_refusal").inc()
+                raise refusal.with_traceback(None)
 
     def _remember_refusal(self, entry: _Entry, token: VerifiedToken, error: StsError) -> None:
         token_specific = error.sts_code in _TOKEN_REFUSALS
         seconds = (self._policy.invalid_token_refusal_seconds if error.sts_code == "InvalidIdentityToken"
                    else self._policy.refusal_seconds)
         refusal_key: CacheKey | tuple[CacheKey, str] = (entry.key, token.fingerprint) if token_specific else entry.key
-        self._refusals[refusal_key] = _Refusal(self._clock() + seconds, error)
-        self._refusals.move_to_end(refusal_key)
-        while len(self._refusals) > self._policy.max_refusals:
-            self._refusals.popitem(last=False)
+        self._refusals.remember(refusal_key, error, until=self._clock() + seconds)
 
     def maintain(self) -> None:
         """One pass: start due refreshes, evict what is idle or expired, update gauges.
@@ -349,8 +337,7 @@ class CredentialCache:
         doomed = [entry for key, entry in self._entries.items() if matches(key)]
         for entry in doomed:
             self._evict(entry, reason)
-        for refusal_key in [k for k in self._refusals if matches(k if isinstance(k, CacheKey) else k[0])]:
-            del self._refusals[refusal_key]
+        self._refusals.forget_where(lambda k: matches(k if isinstance(k, CacheKey) else k[0]))
         return len(doomed)
 
     # --- a warm handoff to a successor (handoff.py carries these over the wire) ---
@@ -371,8 +358,8 @@ class CredentialCache:
         refusals = [
             RefusalState(key=key if isinstance(key, CacheKey) else key[0],
                          fingerprint=None if isinstance(key, CacheKey) else key[1],
-                         until=refusal.until, error=refusal.error)
-            for key, refusal in self._refusals.items() if refusal.until > now
+                         until=until, error=error)
+            for key, until, error in self._refusals.in_force(now)
         ]
         return entries, refusals
 
@@ -399,7 +386,7 @@ class CredentialCache:
         for refusal in refusals:
             if refusal.until > now:
                 key = refusal.key if refusal.fingerprint is None else (refusal.key, refusal.fingerprint)
-                self._refusals[key] = _Refusal(refusal.until, refusal.error)
+                self._refusals.remember(key, refusal.error, until=refusal.until)
         metrics.CACHE_ENTRIES.set(len(self._entries))
         return taken
 

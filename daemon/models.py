@@ -21,7 +21,12 @@ from typing import NamedTuple, Protocol
 
 def fingerprint(token: str) -> str:
     """A short SHA-256 fingerprint of a token: safe for logs, useless to an attacker."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+    return digest_fingerprint(hashlib.sha256(token.encode()).digest())
+
+
+def digest_fingerprint(digest: bytes) -> str:
+    """`fingerprint` of a token whose SHA-256 digest is at hand already."""
+    return digest[:6].hex()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

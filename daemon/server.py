@@ -263,7 +263,6 @@ def create_metrics_app(*, not_ready: Callable[[], list[str]]) -> web.Application
 
     async def readyz(request: web.Request) -> web.Response:
         reasons = not_ready()
-        metrics.DIRECTORY_READY.set(0 if reasons else 1)
         if reasons:
             return web.Response(status=503, text="not ready: " + "; ".join(reasons) + "\n")
         return web.Response(text="ready\n")

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from daemon import jws, metrics
 from daemon.errors import DirectoryUnavailableError, TokenError
 from daemon.logs import describe
-from daemon.models import Clock, Identity, VerifiedToken
+from daemon.models import Clock, Identity, VerifiedToken, digest_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,9 @@ class TokenVerifier:
                              fingerprint=proof.fingerprint)
 
     async def verify(self, token: str) -> VerifiedToken:
+        known = self.verified_before(token)
+        if known is not None:
+            return known
         if not token.isascii():
             metrics.token_verification("malformed_token").inc()
             raise TokenError("the token holds characters that are not ASCII: not a JWT", code="malformed_token")
@@ -271,13 +274,7 @@ class TokenVerifier:
             )
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
-        proof = self._verified.get(digest)
-        if proof is not None:
-            if now <= proof.expires_at + self._leeway:
-                self._cached_count.inc()
-                return VerifiedToken(identity=proof.identity, raw=token, expires_at=proof.expires_at,
-                                     fingerprint=proof.fingerprint)
-            del self._verified[digest]  # an expired token is forgotten
+        self._verified.pop(digest, None)  # known but expired, if at all: forgotten
         try:
             verified = await self._verify_uncached(token, now, digest)
         except TokenError as exc:
@@ -321,7 +318,7 @@ class TokenVerifier:
             claims = jws.payload(compact)
         except jws.MalformedError as exc:
             raise TokenError(f"the token cannot be decoded: {exc}", code="malformed_token") from None
-        return self._check_claims(claims, token, now, digest[:6].hex())
+        return self._check_claims(claims, token, now, digest_fingerprint(digest))
 
     async def _key_for(self, kid: str | None) -> jwt.PyJWK:
         key = self._keys.get(kid)
@@ -399,7 +396,6 @@ class TokenVerifier:
             pod_name=_string_claim(pod, "name", "kubernetes.io.pod.name"),
             pod_uid=_string_claim(pod, "uid", "kubernetes.io.pod.uid"),
         )
-        # The digest's first 6 bytes are what `models.fingerprint` shows: no second SHA-256.
         return VerifiedToken(identity=identity, raw=token, expires_at=float(exp), fingerprint=token_fingerprint)
 
     def _remember(self, digest: bytes, verified: VerifiedToken, now: float) -> None:

@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -36,8 +36,9 @@ from daemon.config import ApiTimeouts
 from daemon.directory.informer import ApiError, Informer, Key, Obj, key_of, raw_json, total_timeout
 from daemon.errors import DirectoryUnavailableError, IdentityNotAllowedError, TokenError
 from daemon.logs import describe
-from daemon.models import CacheKey, Clock, Identity, VerifiedToken, fingerprint
+from daemon.models import CacheKey, Clock, Identity, VerifiedToken, digest_fingerprint
 from daemon import jws
+from daemon.refusals import Refusals
 from daemon.sts import safe_text
 from daemon.tokens import ALLOWED_ALGORITHMS, retry_until_done
 
@@ -75,11 +76,10 @@ class KubernetesDirectory:
         self._pod_wait = pod_wait_seconds
         self._timeouts = timeouts
         self._absent_pod_seconds = absent_pod_seconds
-        self._max_absent_pods = max_absent_pods
         self._pod_arrivals: dict[Key, asyncio.Event] = {}
         self._pod_reads: dict[Key, asyncio.Task[Obj | None]] = {}
         # Pods found absent from this node: (namespace, name) -> (until, the refusal), oldest first.
-        self._absent: OrderedDict[Key, tuple[float, IdentityNotAllowedError]] = OrderedDict()
+        self._absent: Refusals[Key, IdentityNotAllowedError] = Refusals(max_absent_pods)
         self._live_pods_per_account: Counter[Key] = Counter()
         self.on_role_change: Callable[[str], None] = lambda subject: None  # wired to the cache
         self.accounts = Informer(
@@ -115,10 +115,6 @@ class KubernetesDirectory:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.accounts.run(), name="serviceaccount informer")
             group.create_task(self.pods.run(), name="pod informer")
-
-    async def wait_synced(self) -> None:
-        await self.accounts.synced.wait()
-        await self.pods.synced.wait()
 
     async def role_for(self, identity: Identity) -> str:
         account_key = _account_of(identity.subject)
@@ -184,21 +180,14 @@ class KubernetesDirectory:
     def _raise_if_remembered_absent(self, key: Key) -> None:
         if not self.pods.healthy:
             return  # the informer may have missed the pod's arrival: read it again
-        remembered = self._absent.get(key)
-        if remembered is None:
-            return
-        until, refusal = remembered
-        if time.monotonic() >= until:
-            del self._absent[key]
+        refusal = self._absent.get(key, time.monotonic())
+        if refusal is None:
             return
         metrics.REFUSALS_REMEMBERED.labels(kind="pod_absent").inc()
         raise refusal.with_traceback(None)
 
     def _remember_absent(self, key: Key, refusal: IdentityNotAllowedError) -> IdentityNotAllowedError:
-        self._absent[key] = (time.monotonic() + self._absent_pod_seconds, refusal)
-        self._absent.move_to_end(key)
-        while len(self._absent) > self._max_absent_pods:
-            self._absent.popitem(last=False)
+        return self._absent.remember(key, refusal, until=time.monotonic() + self._absent_pod_seconds)
         return refusal
 
     async def _wait_for_arrival(self, key: Key) -> Obj | None:
@@ -263,7 +252,7 @@ class KubernetesDirectory:
                     del self._live_pods_per_account[account]
         key = key_of(new)
         if key is not None:
-            self._absent.pop(key, None)  # here after all: served at once
+            self._absent.forget(key)  # here after all: served at once
             arrival = self._pod_arrivals.pop(key, None)
             if arrival is not None:
                 arrival.set()
@@ -327,7 +316,7 @@ class TokenReviewVerifier:
         self._timeout = total_timeout(timeouts, timeouts.request_seconds)
         self._rejected_seconds = rejected_seconds
         self._reviewed: dict[bytes, tuple[Identity, float, str]] = {}
-        self._rejected: OrderedDict[bytes, tuple[float, TokenError]] = OrderedDict()
+        self._rejected: Refusals[bytes, TokenError] = Refusals(max_cached)
 
     @property
     def ready(self) -> bool:
@@ -365,10 +354,10 @@ class TokenReviewVerifier:
         if cached is not None and now < cached[1]:
             metrics.token_verification("cached").inc()
             return VerifiedToken(identity=cached[0], raw=token, expires_at=cached[1], fingerprint=cached[2])
-        rejected = self._rejected.get(digest)
-        if rejected is not None and now < rejected[0]:
+        rejected = self._rejected.get(digest, now)
+        if rejected is not None:
             metrics.REFUSALS_REMEMBERED.labels(kind="token_review").inc()
-            raise rejected[1]
+            raise rejected.with_traceback(None)
         expires_at = _unverified_expiry(token)
         if expires_at is None:
             metrics.token_verification("malformed_token").inc()
@@ -395,10 +384,7 @@ class TokenReviewVerifier:
                 f"{safe_text(str(status.get('error') or 'not authenticated'), token)}",
                 code="token_review_rejected",
             )
-            self._rejected[digest] = (now + self._rejected_seconds, error)
-            while len(self._rejected) > self._max_cached:
-                self._rejected.popitem(last=False)
-            raise error
+            raise self._rejected.remember(digest, error, until=now + self._rejected_seconds)
         username = _text(status, "user", "username") or ""
         account = _account_of(username) or (None, None)
         identity = Identity(
@@ -413,7 +399,7 @@ class TokenReviewVerifier:
         metrics.token_verification("valid").inc()
         if len(self._reviewed) >= self._max_cached:
             self._reviewed = {d: v for d, v in self._reviewed.items() if v[1] > now}
-        print_ = fingerprint(token)
+        print_ = digest_fingerprint(digest)
         self._reviewed[digest] = (identity, expires_at, print_)
         return VerifiedToken(identity=identity, raw=token, expires_at=expires_at, fingerprint=print_)
 
