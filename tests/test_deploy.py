@@ -286,7 +286,7 @@ def test_the_daemon_container_args_parse_with_the_daemons_own_flags() -> None:
 
 
 def test_the_init_container_args_parse_with_init_network() -> None:
-    netsetup = pytest.importorskip("daemon.netsetup", reason="`irsa-cache init-network` (daemon/netsetup.py) is not there yet")
+    from daemon import netsetup
     from daemon.__main__ import build_parser
 
     container = init_container()

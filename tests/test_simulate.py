@@ -248,7 +248,6 @@ def test_plot_without_matplotlib_says_so_in_one_line(monkeypatch: pytest.MonkeyP
 
 
 def test_plot_writes_a_chart(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="the bench extra's matplotlib is not installed")
     chart = tmp_path / "simulate.png"
     code, out = main("--nodes", "4", "--identities", "3", "--pods-per-identity", "8", "--plot", str(chart))
 
