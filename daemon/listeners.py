@@ -203,9 +203,7 @@ class BoundedHandler(RequestHandler):
             if len(data) > self._table.limits.max_head_bytes:
                 self._too_large()
                 return
-            self._disarm_head_timer()  # the connection's first one, if any
-            self._outstanding = 1
-            super().data_received(data)
+            self._hand_over(data)
             return
         self._pending.extend(data)
         self._next_head()
@@ -243,11 +241,22 @@ class BoundedHandler(RequestHandler):
             return  # the rest of this head is still to come
         head = bytes(pending[:length])
         del pending[:length]
-        self._disarm_head_timer()
-        self._outstanding = 1
-        super().data_received(head)
+        self._hand_over(head)
         if pending and self.transport is not None and not self.transport.is_closing():
             self._next_head()  # held (the answer comes first) unless aiohttp already closed
+
+    def _hand_over(self, head: bytes) -> None:
+        """Give aiohttp one head. Busy only if it made a request of it: blank lines before a
+        request line, or the end of a chunked body, make none and no handler will answer,
+        so the connection stays one that is waiting for a head: evictable, and on the clock
+        it was already on (more blank lines do not buy time)."""
+        requests_before = self._request_count
+        super().data_received(head)
+        if self._request_count != requests_before:
+            self._disarm_head_timer()
+            self._outstanding = 1
+        elif self._head_timer is None and self.transport is not None and not self.transport.is_closing():
+            self._arm_head_timer()
 
     def _too_large(self) -> None:
         limit = self._table.limits.max_head_bytes

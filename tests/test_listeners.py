@@ -5,6 +5,7 @@ as the JSON every SDK parses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -273,6 +274,47 @@ async def test_at_the_cap_idle_connections_make_room_for_a_real_client(
     assert metric("irsa_cache_connections", listener="credentials") <= 20
     assert metric("irsa_cache_connections_refused_total", listener="credentials", reason="evicted") >= 40
     await served_within(http, daemon, issuer, 1.0)
+
+
+@pytest.mark.parametrize("filler", [b"\r\n\r\n", b"\r\n\r\n" * 3], ids=["blank-lines", "more-blank-lines"])
+async def test_bytes_that_make_no_request_leave_a_connection_evictable(
+    start_daemon: StartDaemon, issuer: Issuer, http: aiohttp.ClientSession,
+    open_connections: list[asyncio.StreamWriter], filler: bytes,
+) -> None:
+    # aiohttp skips blank lines before a request line: no request, so no answer will ever
+    # mark such a connection done. It must not count as one answering a request.
+    daemon = await start_daemon(adjust=limits(max_connections=3))
+    address = daemon.listen[0]
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(filler)
+        open_connections.append(writer)
+    await asyncio.sleep(0.2)
+
+    assert daemon.credentials[0].table.busy == 0
+    await served_within(http, daemon, issuer, 1.0)
+
+
+async def test_blank_lines_do_not_buy_time_past_the_head_deadline(start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(adjust=limits(head_seconds=1.0))
+    address = daemon.listen[0]
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    started = time.monotonic()
+    closed = asyncio.ensure_future(reader.read())  # what the server says before it closes
+    try:
+        for _ in range(8):  # a blank line every 0.3 s, for 2.4 s, unless cut off first
+            if closed.done():
+                break
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"\r\n\r\n")
+            await asyncio.wait([closed], timeout=0.3)
+        answer = await asyncio.wait_for(closed, BOUND_SECONDS)
+        elapsed = time.monotonic() - started
+    finally:
+        writer.close()
+
+    assert elapsed < 2.0, "blank lines kept a connection open past its head deadline"
+    assert json_error(answer)[0] == 408
 
 
 async def test_when_every_connection_is_answering_a_new_one_gets_503_json(
