@@ -168,7 +168,7 @@ class CredentialCache:
         self._expiries: list[tuple[float, int, _Entry]] = []  # (credentials expire at, ...)
         self._sequence = itertools.count()
         # Permanent STS refusals by key, or by (key, token fingerprint); oldest first.
-        self._refusals: Refusals[CacheKey | tuple[CacheKey, str], DaemonError] = Refusals(policy.max_refusals)
+        self._refusals: Refusals[CacheKey | tuple[CacheKey, str], DaemonError] = Refusals(policy.max_refusals, clock)
         self._stopping = False  # set by release_waiters(): no caller is held, no exchange started
         self._retired = False  # a successor refreshes now: this cache starts no refresh
         self._waiters: set[asyncio.Future[None]] = set()  # one per caller held for an exchange
@@ -184,7 +184,9 @@ class CredentialCache:
         now = self._clock()
         entry = self._entries.get(key)
         if entry is None:
-            self._raise_if_refused(key, token, now)
+            refusal = self._refusal_for(key, token)
+            if refusal is not None:
+                raise refusal
             entry = self._admit(key, token, now)
         else:
             self._entries.move_to_end(key)
@@ -207,7 +209,11 @@ class CredentialCache:
                 raise OverloadedError(SHUTTING_DOWN, retry_after_seconds=1)
             # The freshest token of the identity's pods, not necessarily the caller's.
             exchange_token = entry.usable_token(now) or token
-            self._raise_if_refused(key, exchange_token, now)
+            refusal = self._refusal_for(key, exchange_token)
+            if refusal is not None:
+                if stale is not None:
+                    return stale, Outcome.STALE  # a passing refusal: what is still valid is served
+                raise refusal
         exchange = entry.exchange or self._start_exchange(entry, exchange_token, Priority.CALLER)
         ticket = entry.ticket
         if joined and ticket is not None:
@@ -273,12 +279,12 @@ class CredentialCache:
         # request would get nothing better.
         return now < entry.refresh_at and remaining > self._policy.stale_cutoff_seconds
 
-    def _raise_if_refused(self, key: CacheKey, token: VerifiedToken, now: float) -> None:
-        for refusal_key in (key, (key, token.fingerprint)):
-            refusal = self._refusals.get(refusal_key, now)
-            if refusal is not None:
-                metrics.REFUSALS_REMEMBERED.labels(kind="sts_refusal").inc()
-                raise refusal.with_traceback(None)
+    def _refusal_for(self, key: CacheKey, token: VerifiedToken) -> DaemonError | None:
+        """A refusal remembered for the identity, or for this token of it: an STS call saved."""
+        refusal = self._refusals.get(key) or self._refusals.get((key, token.fingerprint))
+        if refusal is not None:
+            metrics.REFUSALS_REMEMBERED.labels(kind="sts_refusal").inc()
+        return refusal
 
     def _remember_refusal(self, entry: _Entry, token: VerifiedToken, error: StsError) -> None:
         token_specific = error.sts_code in _TOKEN_REFUSALS
@@ -313,7 +319,7 @@ class CredentialCache:
                 self._evict(entry, "expired")  # nothing to serve and nothing to refresh with
                 continue
             if cached is not None:
-                due_now = now >= max(entry.refresh_at, entry.retry_at) and not self._retired
+                due_now = now >= max(entry.refresh_at, entry.retry_at) and not (self._retired or self._stopping)
                 if due_now and entry.exchange is None and token is not None and self._in_use(entry.key):
                     self._start_exchange(entry, token, Priority.REFRESH)
             self._schedule(entry, self._next_check(entry))
@@ -359,7 +365,7 @@ class CredentialCache:
             RefusalState(key=key if isinstance(key, CacheKey) else key[0],
                          fingerprint=None if isinstance(key, CacheKey) else key[1],
                          until=until, error=error)
-            for key, until, error in self._refusals.in_force(now)
+            for key, until, error in self._refusals.in_force()
         ]
         return entries, refusals
 

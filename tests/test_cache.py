@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import random
 from datetime import datetime, timezone
 
@@ -634,4 +635,68 @@ async def test_a_stopping_cache_serves_what_it_has_and_starts_no_exchange(
     clock.advance(SESSION_SECONDS - 900)  # under the floor: served as they are, not refreshed
     assert (await cache.get(key_for(cached), cached))[1] is Outcome.STALE
     await settle()
+    assert len(source.calls) == 1
+
+
+async def test_a_stopping_cache_starts_no_refresh_either(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    await cache.get(key_for(token), token)
+    cache.release_waiters()
+
+    clock.advance(SESSION_SECONDS / 2 + 1)  # past its refresh time
+    cache.maintain()
+    await settle()
+
+    assert source.reasons == ["cold"]
+
+
+async def test_a_remembered_passing_refusal_still_serves_valid_credentials(
+    clock: FakeClock, source: FakeSource
+) -> None:
+    """Stale-if-error holds while a passing refusal is remembered: past the entry's
+    retry time, the caller gets the credentials still valid, not the refusal."""
+    policy = dataclasses.replace(POLICY, retry_base_seconds=1.0, invalid_token_refusal_seconds=10.0)
+    cache = new_cache(source, clock, policy)
+    token = make_token(clock)
+    first, _ = await cache.get(key_for(token), token)
+    clock.advance(SESSION_SECONDS - 900)  # under the serve floor, 900 s still valid
+    source.error = StsDeniedError("InvalidIdentityToken: could not fetch keys", sts_code="InvalidIdentityToken",
+                                  permanent=False)
+    assert await cache.get(key_for(token), token) == (first, Outcome.STALE)
+
+    clock.advance(3)  # past the entry's retry time, within the refusal's memory
+    assert await cache.get(key_for(token), token) == (first, Outcome.STALE)
+    assert len(source.calls) == 2
+
+
+def reachable(root: object, target: object, limit: int = 200_000) -> bool:
+    """Whether `target` can be reached from `root` through references (the garbage collector's view)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack and len(seen) < limit:
+        item = stack.pop()
+        if item is target:
+            return True
+        if id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(gc.get_referents(item))
+    return False
+
+
+async def test_a_remembered_refusal_keeps_no_callers_frames_or_token(clock: FakeClock, source: FakeSource) -> None:
+    """Each caller raises a copy: the refusal kept holds no traceback, so no request's
+    frames, and with them no token, outlive the request (nor its entry's eviction)."""
+    cache = new_cache(source, clock)
+    token = make_token(clock)
+    source.error = StsDeniedError("AccessDenied: no", sts_code="AccessDenied")
+    with pytest.raises(StsDeniedError) as first:
+        await cache.get(key_for(token), token)
+    with pytest.raises(StsDeniedError) as again:
+        await cache.get(key_for(token), token)
+
+    assert key_for(token) not in cache  # a permanent refusal evicted the entry
+    assert again.value is not first.value and again.value.message == first.value.message
+    assert reachable(again.value, token)  # raised through the caller's frames, which hold the token...
+    assert not reachable(cache._refusals, token)  # ...and which the memory of the refusal does not keep
     assert len(source.calls) == 1

@@ -11,6 +11,7 @@ import aiohttp
 import jwt
 import pytest
 
+from daemon import config
 from daemon.embedded import DEMO_ACCOUNT, Issuer
 from tests.conftest import (
     NODE, ROLE_A, ROLE_B, Cluster, StartK8sDaemon, boto3_caller_identity, eventually, fetch, metric, token_file,
@@ -295,6 +296,27 @@ async def test_token_review_that_names_no_audience_is_a_rejection(
     assert answer.status == 401 and answer.body["code"] == "token_review_rejected"
     assert "sts.amazonaws.com" in answer.body["message"]
     assert sts.assume_calls == []
+
+
+async def test_token_reviews_remembered_stay_bounded_when_none_has_expired(
+    start_k8s_daemon: StartK8sDaemon, cluster: Cluster, k8s: K8sApiDouble, http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past its bound, the memory of reviews forgets its oldest, even when every token in
+    it is still valid: the first token is reviewed again, not kept for ever."""
+    monkeypatch.setattr(config, "VERIFIED_TOKENS_MAX", 8)
+    account = cluster.account("shop", "checkout", ROLE_A)
+    checkout = cluster.pod("shop", "checkout-1", "checkout")
+    tokens = [cluster.token(checkout, jti=f"t{i}") for i in range(12)]
+    k8s.token_reviews = {token: identity_for(account, checkout) for token in tokens}
+    daemon = await start_k8s_daemon("--token-review")
+
+    for token in tokens:
+        assert (await fetch(http, daemon, token)).status == 200
+    assert len(k8s.token_review_requests) == 12
+    assert (await fetch(http, daemon, tokens[0])).status == 200
+
+    assert len(k8s.token_review_requests) == 13
 
 
 @pytest.mark.parametrize("shape", ["unsigned", "alg_none", "hs256", "not_a_jwt"])

@@ -79,7 +79,7 @@ class KubernetesDirectory:
         self._pod_arrivals: dict[Key, asyncio.Event] = {}
         self._pod_reads: dict[Key, asyncio.Task[Obj | None]] = {}
         # Pods found absent from this node: (namespace, name) -> (until, the refusal), oldest first.
-        self._absent: Refusals[Key, IdentityNotAllowedError] = Refusals(max_absent_pods)
+        self._absent: Refusals[Key, IdentityNotAllowedError] = Refusals(max_absent_pods, time.monotonic)
         self._live_pods_per_account: Counter[Key] = Counter()
         self.on_role_change: Callable[[str], None] = lambda subject: None  # wired to the cache
         self.accounts = Informer(
@@ -180,11 +180,11 @@ class KubernetesDirectory:
     def _raise_if_remembered_absent(self, key: Key) -> None:
         if not self.pods.healthy:
             return  # the informer may have missed the pod's arrival: read it again
-        refusal = self._absent.get(key, time.monotonic())
+        refusal = self._absent.get(key)
         if refusal is None:
             return
         metrics.REFUSALS_REMEMBERED.labels(kind="pod_absent").inc()
-        raise refusal.with_traceback(None)
+        raise refusal
 
     def _remember_absent(self, key: Key, refusal: IdentityNotAllowedError) -> IdentityNotAllowedError:
         return self._absent.remember(key, refusal, until=time.monotonic() + self._absent_pod_seconds)
@@ -316,7 +316,7 @@ class TokenReviewVerifier:
         self._timeout = total_timeout(timeouts, timeouts.request_seconds)
         self._rejected_seconds = rejected_seconds
         self._reviewed: dict[bytes, tuple[Identity, float, str]] = {}
-        self._rejected: Refusals[bytes, TokenError] = Refusals(max_cached)
+        self._rejected: Refusals[bytes, TokenError] = Refusals(max_cached, clock)
 
     @property
     def ready(self) -> bool:
@@ -354,10 +354,10 @@ class TokenReviewVerifier:
         if cached is not None and now < cached[1]:
             metrics.token_verification("cached").inc()
             return VerifiedToken(identity=cached[0], raw=token, expires_at=cached[1], fingerprint=cached[2])
-        rejected = self._rejected.get(digest, now)
+        rejected = self._rejected.get(digest)
         if rejected is not None:
             metrics.REFUSALS_REMEMBERED.labels(kind="token_review").inc()
-            raise rejected.with_traceback(None)
+            raise rejected
         expires_at = _unverified_expiry(token)
         if expires_at is None:
             metrics.token_verification("malformed_token").inc()
@@ -399,6 +399,9 @@ class TokenReviewVerifier:
         metrics.token_verification("valid").inc()
         if len(self._reviewed) >= self._max_cached:
             self._reviewed = {d: v for d, v in self._reviewed.items() if v[1] > now}
+            if len(self._reviewed) >= self._max_cached:  # none expired: the oldest quarter goes
+                for oldest in list(self._reviewed)[: self._max_cached // 4 or 1]:
+                    del self._reviewed[oldest]
         print_ = digest_fingerprint(digest)
         self._reviewed[digest] = (identity, expires_at, print_)
         return VerifiedToken(identity=identity, raw=token, expires_at=expires_at, fingerprint=print_)
