@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon import metrics
+from daemon.backoff import capped
 from daemon.errors import DaemonError, OverloadedError, StsDeniedError, StsError, StsUnavailableError
 from daemon.models import CacheKey, Clock, Credentials, ExchangeSource, Priority, Ticket, VerifiedToken
 from daemon.refusals import Refusals
@@ -574,7 +575,7 @@ class CredentialCache:
         if reason == "refresh":
             metrics.REFRESH_FAILURES.inc()
         entry.failures += 1
-        backoff = min(self._policy.retry_max_seconds, self._policy.retry_base_seconds * 2 ** (entry.failures - 1))
+        backoff = capped(self._policy.retry_base_seconds, self._policy.retry_max_seconds, entry.failures - 1)
         entry.retry_at = self._clock() + self._rng.uniform(backoff / 2, backoff)
         log.warning("STS exchange for %s failed (%s): %s", entry.key.subject, reason, exc.message,
                     extra={"role_arn": entry.key.role_arn, "sts_code": getattr(exc, "sts_code", None),

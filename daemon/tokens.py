@@ -29,6 +29,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from daemon import jws, metrics
+from daemon.backoff import capped
 from daemon.errors import DirectoryUnavailableError, TokenError
 from daemon.logs import describe
 from daemon.models import Clock, Identity, VerifiedToken, digest_fingerprint
@@ -164,7 +165,7 @@ async def retry_until_done(attempt: Callable[[], Awaitable[None]], *, on_failure
             failures += 1
             reason = describe(exc)
             on_failure(reason)
-            delay = random.uniform(0, min(max_delay_seconds, KEY_LOAD_BACKOFF_BASE_SECONDS * 2**failures))
+            delay = random.uniform(0, capped(KEY_LOAD_BACKOFF_BASE_SECONDS, max_delay_seconds, failures))
             log.warning("%s; retrying in %.1f s", reason, delay)
             await asyncio.sleep(delay)
 

@@ -700,3 +700,16 @@ async def test_a_remembered_refusal_keeps_no_callers_frames_or_token(clock: Fake
     assert reachable(again.value, token)  # raised through the caller's frames, which hold the token...
     assert not reachable(cache._refusals, token)  # ...and which the memory of the refusal does not keep
     assert len(source.calls) == 1
+
+
+async def test_an_identity_sts_keeps_failing_for_days_is_still_retried(clock: FakeClock, source: FakeSource) -> None:
+    cache = new_cache(source, clock)
+    token = make_token(clock, lifetime=10 * 86_400)
+    source.error = StsUnavailableError("InternalFailure: try again", sts_code="InternalFailure")
+    for _ in range(1_100):  # past 1,024 failures, where an uncapped 2 ** failures raises
+        with pytest.raises(StsUnavailableError):
+            await cache.get(key_for(token), token)
+        clock.advance(POLICY.retry_max_seconds)
+
+    source.error = None
+    assert (await cache.get(key_for(token), token))[1] is Outcome.MISS
