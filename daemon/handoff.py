@@ -347,6 +347,14 @@ class Inheritance:
         metrics.HANDOFF_DURATION.labels(role="successor").observe(time.monotonic() - self.started)
 
 
+def _described_socket(item: object) -> tuple[str, Address]:
+    """(role, address) of one socket the predecessor offers, or HandoffError."""
+    address = item.get("address") if isinstance(item, dict) else None
+    if not (isinstance(address, list) and len(address) == 2 and isinstance(address[1], int)):
+        raise HandoffError(f"a socket described as {item!r}"[:200] + ", not {role, address: [host, port]}")
+    return str(item["role"]), Address(str(address[0]), address[1])  # type: ignore[index]
+
+
 def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inheritance | None:
     """Take over from a predecessor listening on `path`, or None (start cold) for any
     reason, said in the log. Blocking: run it in a thread."""
@@ -357,7 +365,8 @@ def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inherita
         return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.settimeout(timeout_seconds)
-    received: list[int] = []
+    received: list[int] = []  # descriptors not yet owned by a socket object
+    sockets: list[tuple[str, Address, socket.socket]] = []
     try:
         try:
             connection.connect(str(path))
@@ -374,12 +383,12 @@ def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inherita
         described = offer.get("sockets")
         if not isinstance(described, list) or len(described) != len(received):
             raise HandoffError(f"{len(received)} sockets for {described!r}")
-        sockets = []
-        for item, fd in zip(described, received, strict=True):
-            sock = socket.socket(fileno=fd)
-            host, port = item["address"]
-            sockets.append((str(item["role"]), Address(str(host), int(port)), sock))
-        received = []  # owned by the socket objects now
+        # Every description read before any descriptor is owned: on a bad one, each
+        # descriptor is closed exactly once, by the handler below.
+        roles = [_described_socket(item) for item in described]
+        for role, address in roles:
+            sockets.append((role, address, socket.socket(fileno=received[0])))
+            received.pop(0)  # owned by its socket object now
         entries: list[EntryState] = []
         refusals: list[RefusalState] = []
         try:
@@ -405,6 +414,8 @@ def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inherita
         for fd in received:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        for _, _, sock in sockets:
+            sock.close()
         connection.close()
         metrics.handoff_outcome("successor", "failed").inc()
         log.warning("handoff: taking over from %s failed (%s) after %.1f s; starting cold", path, describe(exc),

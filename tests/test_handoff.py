@@ -10,6 +10,7 @@ cold start within its bound, and never in a failure to start.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -450,3 +452,37 @@ def test_descriptors_that_come_with_a_broken_frame_are_closed(tmp_path: Path, fr
     for bait in baits:
         bait.close()
     assert copies == [1, 1, 1]  # the bait itself, and no copy left in the successor
+
+
+def test_a_bad_socket_description_closes_each_descriptor_once(tmp_path: Path) -> None:
+    """The first socket described well, the second not: nothing is taken, each descriptor
+    received is closed once (a second close could hit a number reused meanwhile)."""
+    path = tmp_path / "handoff.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    baits = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+
+    def confused_predecessor() -> None:
+        connection, _ = server.accept()
+        with connection:
+            handoff._receive(connection)  # the hello
+            handoff._send(connection, {"sockets": [{"role": "credentials", "address": ["127.0.0.1", 80]},
+                                                   {"role": "metrics", "address": "oops"}]},
+                          [bait.fileno() for bait in baits])
+
+    thread = threading.Thread(target=confused_predecessor)
+    thread.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert handoff.inherit(path, timeout_seconds=2) is None
+            gc.collect()
+    finally:
+        thread.join(5)
+        server.close()
+    copies = [_descriptors_of(bait) for bait in baits]
+    for bait in baits:
+        bait.close()
+    assert copies == [1, 1]
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "a socket left for its finalizer"
