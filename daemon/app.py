@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import random
 import resource
 import signal
 import socket
@@ -210,16 +211,18 @@ def cache_policy(settings: config.CacheSettings) -> CachePolicy:
     )
 
 
-def cluster_share(settings: config.StsSettings) -> cluster_budget.ClusterShare | None:
+def cluster_share(settings: config.StsSettings,
+                  rng: random.Random | None = None) -> cluster_budget.ClusterShare | None:
     """The node's part of --sts-cluster-rate (None without it); its node count is set later."""
     if settings.cluster is None:
         return None
     return cluster_budget.ClusterShare(cluster_budget.SharePolicy(
-        rate_per_second=settings.cluster.rate_per_second, burst=settings.cluster.burst))
+        rate_per_second=settings.cluster.rate_per_second, burst=settings.cluster.burst), rng=rng)
 
 
 def budgeted(source: CredentialSource, settings: config.StsSettings,
-             share: cluster_budget.ClusterShare | None = None) -> limiter.BudgetedSource:
+             share: cluster_budget.ClusterShare | None = None,
+             rng: random.Random | None = None) -> limiter.BudgetedSource:
     budget = limiter.StsBudget(
         limiter.BudgetPolicy(
             rate_per_second=settings.rate_per_second,
@@ -233,7 +236,7 @@ def budgeted(source: CredentialSource, settings: config.StsSettings,
     retry = limiter.RetryPolicy(
         max_attempts=config.STS_MAX_ATTEMPTS, deadline_seconds=config.STS_EXCHANGE_DEADLINE_SECONDS
     )
-    return limiter.BudgetedSource(source=source, budget=budget, retry=retry)
+    return limiter.BudgetedSource(source=source, budget=budget, retry=retry, rng=rng)
 
 
 def raise_fd_limit(wanted_connections: int) -> int:

@@ -264,6 +264,22 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another() -> None:
     assert math.isfinite(first.ttc_p99_seconds or math.nan)
 
 
+def test_the_same_seed_gives_the_same_irsa_cache_run_jitter_and_all() -> None:
+    """The simulated daemons' own randomness (refresh jitter, retry backoff, the shared
+    budget's draws) comes from the seed too: a user running a command twice gets the same
+    figures."""
+    from daemon.simulate.inputs import DaemonKnobs
+
+    shape = dict(nodes=40, identities=10, pods_per_identity=200, placement="packed", scenario="cold-start",
+                 account_rate_per_second=20, account_burst=20,
+                 daemon=DaemonKnobs(cluster_rate_per_second=20, cluster_burst=20))
+    first, again = run("irsa-cache", **shape), run("irsa-cache", **shape)
+
+    assert first.throttled > 0  # retries and their jitter are part of this run
+    assert (first.sts_calls, first.throttled, first.ttc_p50_seconds, first.ttc_p99_seconds, first.ttc_max_seconds) \
+        == (again.sts_calls, again.throttled, again.ttc_p50_seconds, again.ttc_p99_seconds, again.ttc_max_seconds)
+
+
 def test_the_simulated_daemons_defaults_are_the_daemons_own() -> None:
     from daemon import config
     from daemon.simulate.cli import DAEMON_FLAGS

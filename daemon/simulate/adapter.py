@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -102,10 +103,10 @@ class _Generation:
     that calls STS through it. It knows the node count at once (the daemon reads it at start)."""
 
     def __init__(self, daemon: SimulatedDaemon) -> None:
-        self.share = app.cluster_share(daemon.sts_settings)
+        self.share = app.cluster_share(daemon.sts_settings, rng=daemon.rng)
         if self.share is not None:
             self.share.set_nodes(daemon.nodes())
-        self.source = app.budgeted(daemon.sts, daemon.sts_settings, self.share)
+        self.source = app.budgeted(daemon.sts, daemon.sts_settings, self.share, rng=daemon.rng)
 
 
 class _NodeSource:
@@ -131,8 +132,9 @@ class SimulatedDaemon:
     """irsa-cache on one node: the real cache and budget, driven on the virtual loop."""
 
     def __init__(self, *, loop: VirtualTimeLoop, knobs: DaemonKnobs, sts: ModelledSts,
-                 in_use: Callable[[CacheKey], bool], nodes: Callable[[], int]) -> None:
+                 in_use: Callable[[CacheKey], bool], nodes: Callable[[], int], rng: random.Random) -> None:
         self.loop = loop
+        self.rng = rng  # the jitter of its cache, budget and share: seeded, so a run repeats
         self.knobs = knobs
         self.sts = sts
         self.in_use = in_use
@@ -166,7 +168,7 @@ class SimulatedDaemon:
             refresh_wait_seconds=self.knobs.refresh_wait_seconds,
         ))
         return CredentialCache(source=_NodeSource(self), clock=self._clock, policy=policy, in_use=self.in_use,
-                               live_pods=self.in_use)  # as in Kubernetes mode: the node's pods are known
+                               live_pods=self.in_use, rng=self.rng)  # as in Kubernetes mode: the node's pods are known
 
     def _clock(self) -> float:
         return EPOCH + self.loop.time()

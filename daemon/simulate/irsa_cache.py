@@ -8,6 +8,7 @@ rollout stops and restarts daemons, a node replacement brings up fresh ones.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 from daemon.simulate import adapter
@@ -18,8 +19,9 @@ from daemon.simulate.vloop import VirtualTimeLoop
 
 class IrsaCacheEndpoint:
     def __init__(self, *, loop: VirtualTimeLoop, knobs: DaemonKnobs, sts: adapter.ModelledSts,
-                 identities: int, nodes: int) -> None:
+                 identities: int, nodes: int, seed: int) -> None:
         self._loop = loop
+        self._seed = seed
         self._knobs = knobs
         self._sts = sts
         self._keys = [adapter.identity_key(identity) for identity in range(identities)]
@@ -37,7 +39,8 @@ class IrsaCacheEndpoint:
                 return self._live[(node, self._identity_of[key])] > 0  # type: ignore[index]
 
             daemon = self.daemons[node] = adapter.SimulatedDaemon(
-                loop=self._loop, knobs=self._knobs, sts=self._sts, in_use=in_use, nodes=lambda: self.node_count)
+                loop=self._loop, knobs=self._knobs, sts=self._sts, in_use=in_use, nodes=lambda: self.node_count,
+                rng=random.Random(f"{self._seed}:{node}"))
         return daemon
 
     def request(self, pod: Pod, reply: Reply) -> Request | None:

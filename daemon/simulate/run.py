@@ -99,7 +99,7 @@ class _Run:
             sts = adapter.ModelledSts(loop=loop, account=self.account,
                                       session_seconds=inputs.daemon.session_duration_seconds)
             daemons = IrsaCacheEndpoint(loop=loop, knobs=inputs.daemon, sts=sts, identities=inputs.identities,
-                                        nodes=inputs.nodes)
+                                        nodes=inputs.nodes, seed=seed)
             fetcher = ContainerClient(loop=loop, endpoint=daemons)
             on_start, on_stop = daemons.pod_started, daemons.pod_stopped
             self.stop_node = daemons.stop_node
