@@ -187,7 +187,7 @@ class CredentialCache:
         if entry is None:
             refusal = self._refusal_for(key, token)
             if refusal is not None:
-                raise refusal
+                raise self._answered_from_memory(refusal)
             entry = self._admit(key, token, now)
         else:
             self._entries.move_to_end(key)
@@ -212,9 +212,9 @@ class CredentialCache:
             exchange_token = entry.usable_token(now) or token
             refusal = self._refusal_for(key, exchange_token)
             if refusal is not None:
-                if stale is not None:
+                if stale is not None and not _permanent(refusal):
                     return stale, Outcome.STALE  # a passing refusal: what is still valid is served
-                raise refusal
+                raise self._answered_from_memory(refusal)
         exchange = entry.exchange or self._start_exchange(entry, exchange_token, Priority.CALLER)
         ticket = entry.ticket
         if joined and ticket is not None:
@@ -281,10 +281,12 @@ class CredentialCache:
         return now < entry.refresh_at and remaining > self._policy.stale_cutoff_seconds
 
     def _refusal_for(self, key: CacheKey, token: VerifiedToken) -> DaemonError | None:
-        """A refusal remembered for the identity, or for this token of it: an STS call saved."""
-        refusal = self._refusals.get(key) or self._refusals.get((key, token.fingerprint))
-        if refusal is not None:
-            metrics.REFUSALS_REMEMBERED.labels(kind="sts_refusal").inc()
+        """A refusal remembered for the identity, or for this token of it."""
+        return self._refusals.get(key) or self._refusals.get((key, token.fingerprint))
+
+    @staticmethod
+    def _answered_from_memory(refusal: DaemonError) -> DaemonError:
+        metrics.REFUSALS_REMEMBERED.labels(kind="sts_refusal").inc()
         return refusal
 
     def _remember_refusal(self, entry: _Entry, token: VerifiedToken, error: StsError) -> None:

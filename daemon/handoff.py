@@ -148,7 +148,7 @@ def decode_state(state: dict[str, Any]) -> tuple[list[EntryState], list[RefusalS
         entries = [_entry_from(item) for item in state["entries"]]
         refusals = [RefusalState(key=_key_from(item["key"]), fingerprint=item["fingerprint"], until=float(item["until"]),
                                  error=_error_from(item["error"])) for item in state["refusals"]]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise HandoffError(f"a cache state that does not decode ({describe(exc)})") from None
     return entries, refusals
 
@@ -410,7 +410,7 @@ def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inherita
                  len(refusals), time.monotonic() - started)
         return Inheritance(sockets=sockets, entries=entries, refusals=refusals, connection=connection,
                            started=started)
-    except (HandoffError, OSError, TimeoutError, KeyError, TypeError, ValueError) as exc:
+    except (HandoffError, OSError, TimeoutError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         for fd in received:
             with contextlib.suppress(OSError):
                 os.close(fd)

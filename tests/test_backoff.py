@@ -65,3 +65,11 @@ async def test_key_loading_keeps_retrying_a_key_set_down_for_days() -> None:
     no_wait, done = await failing_for(FAILURES)
     with mock.patch.object(tokens.asyncio, "sleep", no_wait), mock.patch.object(tokens.log, "warning"):
         await run_until(tokens.retry_until_done(key_set_down, on_failure=lambda reason: None), done)
+
+
+def test_a_simulated_pod_restarted_thousands_of_times_waits_the_kubelets_cap() -> None:
+    from daemon.simulate.sdk import CrashLoop
+
+    crash_loop = CrashLoop()
+    assert crash_loop.delay(1) == crash_loop.first_seconds
+    assert crash_loop.delay(5_000) == crash_loop.max_seconds

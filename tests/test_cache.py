@@ -665,8 +665,33 @@ async def test_a_remembered_passing_refusal_still_serves_valid_credentials(
                                   permanent=False)
     assert await cache.get(key_for(token), token) == (first, Outcome.STALE)
 
+    remembered = metric("irsa_cache_refusals_remembered_total", kind="sts_refusal")
     clock.advance(3)  # past the entry's retry time, within the refusal's memory
     assert await cache.get(key_for(token), token) == (first, Outcome.STALE)
+    assert len(source.calls) == 2
+    assert metric("irsa_cache_refusals_remembered_total", kind="sts_refusal") == remembered  # served, not refused
+
+
+async def test_a_token_refused_for_good_is_refused_every_time_not_served_stale(
+    clock: FakeClock, source: FakeSource
+) -> None:
+    """ExpiredTokenException is final for that token: asking again with it gets the same
+    403 from memory, not the identity's old credentials (other pods' tokens still get them)."""
+    cache = new_cache(source, clock, dataclasses.replace(POLICY, retry_base_seconds=1.0))
+    token = tagged(make_token(clock, lifetime=SESSION_SECONDS), "pod-a")
+    await cache.get(key_for(token), token)
+    clock.advance(SESSION_SECONDS - 900)  # under the serve floor: the next request exchanges
+    source.error = StsDeniedError("ExpiredTokenException: Token expired", sts_code="ExpiredTokenException")
+
+    outcomes = []
+    for _ in range(3):
+        try:
+            outcomes.append((await cache.get(key_for(token), token))[1].value)
+        except StsDeniedError as exc:
+            outcomes.append(exc.status)
+        clock.advance(5)  # past the entry's backoff (at most 1 s), within the refusal's 30 s
+
+    assert outcomes == [403, 403, 403]
     assert len(source.calls) == 2
 
 

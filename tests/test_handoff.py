@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -478,3 +479,35 @@ def test_a_bad_socket_description_closes_each_descriptor_once(tmp_path: Path) ->
 
     assert copies == [1, 1]
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "a socket left for its finalizer"
+
+
+def a_state() -> dict[str, Any]:
+    """What a predecessor sends for one entry with credentials and a token, as JSON would carry it."""
+    from datetime import datetime, timezone
+
+    from daemon.cache import EntryState
+    from daemon.models import CacheKey, Credentials, Identity, VerifiedToken
+
+    identity = Identity(issuer="https://issuer.test", subject="system:serviceaccount:ns:app", audience="sts.amazonaws.com")
+    entry = EntryState(
+        key=CacheKey.of("arn:aws:iam::123456789012:role/app", identity),
+        credentials=Credentials(access_key_id="ASIA", secret_access_key="s", session_token="t",
+                                expiration=datetime(2030, 1, 1, tzinfo=timezone.utc), account_id="123456789012",
+                                assumed_role_arn="arn:aws:sts::123456789012:assumed-role/app/ns.app"),
+        token=VerifiedToken(identity=identity, raw="a.b.c", expires_at=1.9e9, fingerprint="f"),
+        last_used=1.0, refresh_at=2.0, retry_at=0.0, failures=0)
+    return json.loads(json.dumps(handoff.encode_state([entry], [])))
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda state: state["entries"][0]["credentials"].update(expiration=1e300),
+    lambda state: state["entries"][0]["token"].update(identity=["not", "a", "mapping"]),
+    lambda state: state["entries"][0].update(failures=float("inf")),
+], ids=["expiration-past-any-date", "identity-a-list", "failures-infinite"])
+def test_a_state_that_does_not_decode_is_refused_not_raised(corrupt: Callable[[dict[str, Any]], None]) -> None:
+    state = a_state()
+    assert len(handoff.decode_state(state)[0]) == 1
+    corrupt(state)
+
+    with pytest.raises(handoff.HandoffError, match="does not decode"):
+        handoff.decode_state(state)

@@ -188,7 +188,6 @@ class KubernetesDirectory:
 
     def _remember_absent(self, key: Key, refusal: IdentityNotAllowedError) -> IdentityNotAllowedError:
         return self._absent.remember(key, refusal, until=time.monotonic() + self._absent_pod_seconds)
-        return refusal
 
     async def _wait_for_arrival(self, key: Key) -> Obj | None:
         """A starting pod may ask before the informer has it: wait for it briefly."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from daemon.backoff import capped
+
 
 @dataclass(frozen=True, kw_only=True)
 class ContainerProvider:
@@ -86,7 +88,7 @@ class CrashLoop:
     max_seconds: float = 300.0
 
     def delay(self, restarts: int) -> float:
-        return min(self.max_seconds, self.first_seconds * 2 ** (restarts - 1))
+        return capped(self.first_seconds, self.max_seconds, restarts - 1)
 
 
 CONTAINER_PROVIDER = ContainerProvider()
