@@ -36,7 +36,7 @@ import pytest
 
 from daemon import config, handoff
 from daemon.embedded import Background, Issuer, free_port
-from tests.conftest import FakeClock, StartDaemon, fetch, metric
+from tests.conftest import FakeClock, StartDaemon, eventually, fetch, metric
 from tests.sts_double import StsDouble
 
 SUBJECTS = [f"system:serviceaccount:batch:job-{n}" for n in range(20)]
@@ -208,7 +208,8 @@ async def test_the_successor_keeps_the_refresh_schedule_tokens_and_refusals(
 
     b = await start_daemon(*handoff_args(path), clock=clock, adjust=same_addresses(a))
 
-    assert a.cache._retired and not b.cache._retired  # the successor refreshes now, the predecessor does not
+    await eventually(lambda: a.cache._retired)  # once A has B's "done", moments after B is up
+    assert not b.cache._retired  # the successor refreshes now, the predecessor does not
     for key, entry in a.cache._entries.items():
         received = b.cache._entries[key]
         assert received.refresh_at == entry.refresh_at and received.last_used == entry.last_used
