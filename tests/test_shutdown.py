@@ -4,6 +4,7 @@ held for an STS exchange included) finishes or gets a clean answer, then exit 0.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 import time
@@ -17,6 +18,18 @@ from tests.conftest import SUBJECT_A, StartDaemon, fetch
 from tests.sts_double import StsDouble
 
 BOUND_SECONDS = 30.0
+
+
+async def until_connections(http: aiohttp.ClientSession, metrics_listen: str, count: int) -> None:
+    """Until the daemon's gauge shows `count` credentials connections open (bounded)."""
+    pattern = re.compile(r'^irsa_cache_connections\{listener="credentials"\} (\S+)$', re.MULTILINE)
+    async with asyncio.timeout(BOUND_SECONDS):
+        while True:
+            async with http.get(f"http://{metrics_listen}/metrics") as response:
+                found = pattern.search(await response.text())
+            if found is not None and float(found.group(1)) >= count:
+                return
+            await asyncio.sleep(0.05)
 
 
 async def test_sigterm_answers_every_request_in_flight_then_exits_0(
@@ -43,7 +56,8 @@ async def test_sigterm_answers_every_request_in_flight_then_exits_0(
                     return response.status
 
             in_flight = [asyncio.create_task(get(subject)) for subject in subjects]
-            await asyncio.sleep(0.5)
+            await until_connections(http, metrics_listen, len(subjects))  # every request is at the daemon
+            await asyncio.sleep(0.2)
             daemon.process.send_signal(signal.SIGTERM)
             stopped_at = time.monotonic()
             await asyncio.sleep(0.2)
