@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,11 +15,10 @@ import pytest
 
 from daemon import app, config
 from daemon.cluster_budget import ClusterShare, SharePolicy
-from daemon.embedded import Issuer
 from daemon.errors import StsUnavailableError
 from daemon.limiter import BudgetedSource, BudgetPolicy, RetryPolicy, StsBudget
 from daemon.models import Credentials, Identity, Priority, Ticket, VerifiedToken
-from tests.conftest import metric
+from tests.conftest import eventually, metric
 from tests.k8s_double import K8sApiDouble, daemon_set
 from tests.sts_double import StsDouble
 
@@ -198,13 +197,6 @@ async def test_a_busy_node_borrows_what_idle_nodes_leave_and_falls_back_on_throt
 # --- the node count from the daemon's own DaemonSet ---
 
 
-@pytest.fixture
-async def k8s(issuer: Issuer) -> AsyncIterator[K8sApiDouble]:
-    double = await K8sApiDouble(issuer=issuer.url, jwks=issuer.jwks()).start()
-    yield double
-    await double.stop()
-
-
 StartDaemon = Callable[..., AbstractAsyncContextManager[app.RunningDaemon]]
 
 
@@ -224,12 +216,6 @@ def start(k8s: K8sApiDouble, sts: StsDouble, tmp_path: Path,
         return app.running(settings)
 
     return running
-
-
-async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 async def test_the_rate_follows_the_daemonsets_desired_number_scheduled(

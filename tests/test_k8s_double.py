@@ -42,13 +42,6 @@ Event = dict[str, Any]
 
 
 @pytest.fixture
-async def k8s(issuer: Issuer) -> AsyncIterator[K8sApiDouble]:
-    double = await K8sApiDouble(issuer=issuer.url, jwks=issuer.jwks()).start()
-    yield double
-    await double.stop()
-
-
-@pytest.fixture
 async def api(k8s: K8sApiDouble) -> AsyncIterator[client.ApiClient]:
     async with client.ApiClient(k8s.client_configuration()) as api_client:
         yield api_client
