@@ -547,7 +547,7 @@ def _cluster_budget(v: dict[str, Any], src: dict[str, str], environ: Mapping[str
                         "DaemonSet's, read from the API server)")
     elif not name or not namespace:
         problems.append(f"{src['sts_cluster_rate']}: set DAEMONSET_NAME and POD_NAMESPACE to this daemon's own "
-                        "DaemonSet (deploy/daemonset.yaml does), whose node count divides the rate")
+                        "DaemonSet (deploy/base/daemonset.yaml does), whose node count divides the rate")
     burst = v["sts_cluster_burst"] if v["sts_cluster_burst"] is not None else max(1, math.ceil(rate))
     return ClusterBudgetSettings(rate_per_second=rate, burst=burst, daemonset_namespace=namespace or "",
                                  daemonset_name=name or "")

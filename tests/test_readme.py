@@ -76,3 +76,11 @@ def test_every_alert_is_in_the_monitoring_table() -> None:
     alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
     rows = table_rows("**Alerts.**")
     assert set(rows) == alerts, set(rows) ^ alerts
+
+
+def test_every_file_the_readme_names_is_there() -> None:
+    # `deploy/NAME` after a kubectl verb is a Deployment, not a file.
+    named = {match.group(1).rstrip(".") for match in re.finditer(
+        r"(?<![\w/.-])(?<!exec )(?<!status )((?:deploy|bench|tests|daemon|docs|probes|\.ci)/[\w./-]*\w)", README)}
+    assert len(named) > 30
+    assert sorted(path for path in named if not (ROOT / path).exists()) == []
