@@ -200,8 +200,9 @@ class CredentialCache:
         if cached is not None and self._fresh(entry, cached, now):
             return cached, Outcome.HIT
         stale = cached if cached is not None and self._servable_stale(cached, now) else None
-        joined = entry.exchange is not None
-        if not joined:
+        exchange = entry.exchange
+        joined = exchange is not None
+        if exchange is None:
             if stale is not None and now < entry.retry_at:
                 return stale, Outcome.STALE  # STS failed moments ago: do not call it again yet
             if self._stopping:
@@ -215,7 +216,7 @@ class CredentialCache:
                 if stale is not None and not _permanent(refusal):
                     return stale, Outcome.STALE  # a passing refusal: what is still valid is served
                 raise self._answered_from_memory(refusal)
-        exchange = entry.exchange or self._start_exchange(entry, exchange_token, Priority.CALLER)
+            exchange = self._start_exchange(entry, exchange_token, Priority.CALLER)
         ticket = entry.ticket
         if joined and ticket is not None:
             self._source.promote(ticket)  # a refresh nobody waited for now has a caller

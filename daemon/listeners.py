@@ -226,7 +226,7 @@ class BoundedHandler(RequestHandler):
         pending = self._pending
         end = pending.find(_HEAD_END)
         length = end + len(_HEAD_END) if end >= 0 else len(pending)
-        if length > limit or len(pending) > limit + self._table.limits.max_head_bytes:
+        if length > limit or len(pending) > 2 * limit:
             self._too_large()
             return
         if self._outstanding:

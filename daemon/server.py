@@ -100,17 +100,11 @@ def raw_error_response(status: int, code: str, message: str) -> bytes:
     return head.encode() + body
 
 
-def json_response(
-    payload: dict[str, str] | bytes, *, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
+def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
     # Bytes, not text: the Content-Type stays exactly "application/json" (no charset),
     # which is what the Go SDK checks before it parses an error body.
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
-
-
-def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response(error_body(code, message), status=status, headers=headers)
+    return web.Response(status=status, body=error_json(code, message), content_type="application/json",
+                        headers=headers)
 
 
 def _outcome_of(error: DaemonError) -> str:
@@ -209,8 +203,7 @@ def create_app(
 
     app = web.Application()
     app.router.add_get(CREDENTIALS_PATH, credentials)  # and HEAD
-    app.router.add_route("*", CREDENTIALS_PATH, elsewhere)
-    app.router.add_route("*", "/{path:.*}", elsewhere)
+    app.router.add_route("*", "/{path:.*}", elsewhere)  # other methods on CREDENTIALS_PATH too
     return app
 
 

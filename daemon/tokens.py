@@ -255,7 +255,10 @@ class TokenVerifier:
         """What `token` proved when it was verified, if it still holds (its expiry, with the
         leeway, is not past): `verify`'s answer without a coroutine, for the hot path. None
         means nothing is known: call `verify`."""
-        proof = self._verified.get(hashlib.sha256(token.encode()).digest())
+        return self._known(hashlib.sha256(token.encode()).digest(), token)
+
+    def _known(self, digest: bytes, token: str) -> VerifiedToken | None:
+        proof = self._verified.get(digest)
         if proof is None or self._clock() > proof.expires_at + self._leeway:
             return None
         self._cached_count.inc()
@@ -263,17 +266,17 @@ class TokenVerifier:
                              fingerprint=proof.fingerprint)
 
     async def verify(self, token: str) -> VerifiedToken:
-        known = self.verified_before(token)
-        if known is not None:
-            return known
         if not token.isascii():
             metrics.token_verification("malformed_token").inc()
             raise TokenError("the token holds characters that are not ASCII: not a JWT", code="malformed_token")
-        if not self._keys or self.issuer is None:  # `ready`, inlined: every request passes here
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._known(digest, token)
+        if known is not None:
+            return known
+        if not self.ready:
             raise DirectoryUnavailableError(
                 f"cannot verify tokens yet: {self.not_ready_reason}; retry shortly", code="keys_unavailable"
             )
-        digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
         self._verified.pop(digest, None)  # known but expired, if at all: forgotten
         try:
