@@ -259,7 +259,7 @@ def raise_fd_limit(wanted_connections: int) -> int:
 def _handoff_path(path: Path | None) -> Path | None:
     """The handoff socket's path, if handoffs can happen here: its directory exists (the
     DaemonSet mounts it from the host; a daemon run by hand usually has none)."""
-    if path is None or not str(path):
+    if path is None:
         return None
     if not path.parent.is_dir():
         log.info("handoff: %s does not exist: no warm handoff to or from this daemon", path.parent)
@@ -280,7 +280,9 @@ async def _sockets(addresses: Sequence[config.Address], role: str, inheritance: 
                 inherited.remove(match)
                 sockets.append(match[2])
             else:
-                sockets.append(await _bind(address, patient=handoff_path is not None and handoff_path.exists()))
+                # Only a predecessor that hands nothing over lets go of an address on its own.
+                patient = inheritance is None and handoff_path is not None and handoff_path.exists()
+                sockets.append(await _bind(address, patient=patient))
     except listeners.BindError as exc:
         for sock in sockets:
             sock.close()
@@ -321,26 +323,31 @@ class StatusFiles:
     async def run(self) -> None:
         if self._directory is None:
             return
+        ready: bool | None = None
         try:
             while True:
-                reasons = self._not_ready()
-                if reasons:
-                    self._remove("ready")
-                else:
-                    self._write("ready", "ready\n")
+                now_ready = not self._not_ready()
+                if now_ready != ready:  # the probe reads whether the file is there: touch it on a change
+                    if now_ready:
+                        ready = True if self._write("ready", "ready\n") else None  # a failed write: again
+                    else:
+                        self._remove("ready")
+                        ready = False
                 await asyncio.sleep(STATUS_INTERVAL_SECONDS)
         finally:
             self._remove("ready")
 
-    def _write(self, name: str, text: str) -> None:
+    def _write(self, name: str, text: str) -> bool:
         if self._directory is None:
-            return
+            return True
         try:
             temporary = self._directory / f".{name}.tmp"
             temporary.write_text(text)
             temporary.replace(self._directory / name)
         except OSError as exc:
             log.warning("cannot write %s in %s: %s", name, self._directory, describe(exc))
+            return False  # tried again on the next pass
+        return True
 
     def _remove(self, name: str) -> None:
         if self._directory is not None:

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon import metrics
+from daemon.backoff import capped
+from daemon.logs import describe
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ async def follow_node_count(*, api: Any, namespace: str, name: str, share: Clust
                          share.policy.rate_per_second / desired, share.policy.rate_per_second)
             share.set_nodes(desired)
         # After a failure, try again sooner (but not in a tight loop): the count may be unknown.
-        wait = interval_seconds if failures == 0 else min(interval_seconds, 2.0 ** min(failures, 5))
+        wait = interval_seconds if failures == 0 else capped(1.0, interval_seconds, failures)
         await asyncio.sleep(wait * rng.uniform(0.9, 1.1))
 
 
@@ -199,4 +201,4 @@ def _describe(exc: Exception) -> str:
     reason = getattr(exc, "reason", None)
     if status is not None:
         return f"HTTP {status} {reason or ''}".strip()
-    return f"{type(exc).__name__}: {exc}"
+    return describe(exc)

@@ -242,7 +242,6 @@ class Predecessor:
     on_handed_over: Callable[[], None]  # called on the event loop once the successor serves
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _server: socket.socket | None = None
-    _thread: threading.Thread | None = None
     _closed: threading.Event = field(default_factory=threading.Event)
     _inode: int | None = None  # of the path we bound: a successor's later socket there is not ours
 
@@ -255,8 +254,7 @@ class Predecessor:
         self._inode = os.stat(self.path).st_ino
         server.listen(4)
         self._server = server
-        self._thread = threading.Thread(target=self._accept, name="handoff server", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._accept, name="handoff server", daemon=True).start()
         log.info("handoff: a successor can take over from %s", self.path)
 
     def close(self) -> None:
@@ -288,7 +286,7 @@ class Predecessor:
                         self._inode = None  # the path is the successor's from now on
                         self.close()
                         return
-                except (HandoffError, OSError, TimeoutError) as exc:
+                except Exception as exc:  # noqa: BLE001 - whatever a successor sends, we keep serving
                     metrics.handoff_outcome("predecessor", "failed").inc()
                     log.warning("handoff: a successor's attempt failed: %s; still serving", describe(exc))
 
@@ -355,6 +353,17 @@ def _described_socket(item: object) -> tuple[str, Address]:
     return str(item["role"]), Address(str(address[0]), address[1])  # type: ignore[index]
 
 
+def _check_listening(sock: socket.socket, described: Address) -> None:
+    """A socket taken over must be what it was said to be: a listening TCP socket bound to
+    the address described (else we might serve where nobody configured us to)."""
+    tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+    if not (tcp and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+        raise HandoffError(f"a socket described as {described} is not a listening TCP socket")
+    host, port = sock.getsockname()[:2]
+    if Address(str(host), int(port)) != described:
+        raise HandoffError(f"a socket described as {described} listens on {Address(str(host), int(port))}")
+
+
 def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inheritance | None:
     """Take over from a predecessor listening on `path`, or None (start cold) for any
     reason, said in the log. Blocking: run it in a thread."""
@@ -389,6 +398,7 @@ def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inherita
         for role, address in roles:
             sockets.append((role, address, socket.socket(fileno=received[0])))
             received.pop(0)  # owned by its socket object now
+            _check_listening(sockets[-1][2], address)
         entries: list[EntryState] = []
         refusals: list[RefusalState] = []
         try:

@@ -512,3 +512,22 @@ def test_a_state_that_does_not_decode_is_refused_not_raised(corrupt: Callable[[d
 
     with pytest.raises(handoff.HandoffError, match="does not decode"):
         handoff.decode_state(state)
+
+
+@pytest.mark.parametrize("offered", ["bound elsewhere", "not listening"])
+def test_a_socket_that_is_not_what_its_description_says_is_refused(tmp_path: Path, offered: str) -> None:
+    """The successor serves on what it takes over: a socket bound to another address than
+    described, or one not listening, would put it where nobody configured it."""
+    if offered == "bound elsewhere":
+        baits = [socket.create_server(("127.0.0.1", 0))]
+        elsewhere = baits[0].getsockname()[1] + 1
+        described = {"sockets": [{"role": "credentials", "address": ["127.0.0.1", elsewhere]}]}
+    else:
+        baits = [socket.socket(socket.AF_INET, socket.SOCK_STREAM)]
+        baits[0].bind(("127.0.0.1", 0))
+        described = {"sockets": [{"role": "credentials", "address": ["127.0.0.1", baits[0].getsockname()[1]]}]}
+
+    copies = inherit_from_bad_predecessor(tmp_path, baits,
+                                          lambda connection, fds: handoff._send(connection, described, fds))
+
+    assert copies == [1]
