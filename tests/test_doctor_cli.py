@@ -73,6 +73,29 @@ async def test_a_token_file_of_anything_else_fails_token_jwt(tmp_path: Path, con
     assert [c["id"] for c in report["checks"] if c["status"] == "fail"] == ["token.jwt"]
 
 
+async def test_a_token_the_daemon_would_refuse_to_read_fails_token_jwt(tmp_path: Path) -> None:
+    """doctor reads a token as the daemon does: a padded signature (which PyJWT accepts
+    and the daemon does not) is not a JWT, not a signature from the wrong issuer."""
+    key = Issuer()
+    token, jwks = tmp_path / "token", tmp_path / "jwks.json"
+    token.write_text(key.mint("system:serviceaccount:team-a:app") + "==")
+    jwks.write_text(json.dumps(key.jwks()))
+    status, out, _ = await run("--token", str(token), "--jwks", str(jwks), "--json")
+    failed = {c["id"]: c for c in json.loads(out)["checks"] if c["status"] == "fail"}
+    assert status == 1 and list(failed) == ["token.jwt"]
+
+
+def test_a_key_the_daemon_skips_is_reported_once_not_also_logged(tmp_path: Path) -> None:
+    key = Issuer()
+    token, jwks = tmp_path / "token", tmp_path / "jwks.json"
+    token.write_text(key.mint("system:serviceaccount:team-a:app"))
+    hmac = {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}
+    jwks.write_text(json.dumps({"keys": [*key.jwks()["keys"], hmac]}))
+    done = doctor("--token", str(token), "--jwks", str(jwks))
+    assert "hmac" in done.stdout
+    assert done.stderr == ""
+
+
 async def test_a_token_longer_than_sts_takes(tmp_path: Path) -> None:
     key = Issuer()
     token = tmp_path / "token"

@@ -10,17 +10,15 @@ everything else is pure.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import jwt
-
-from daemon import config, sts, tokens
+from daemon import config, jws, sts, tokens
 from daemon.directory.kubernetes import SUBJECT
 from daemon.doctor import issuers, policy
 from daemon.doctor.inputs import DEFAULT_AUDIENCE, Inputs, Obj
@@ -31,7 +29,6 @@ from daemon.errors import TokenError
 WEB_IDENTITY_ACTION = "sts:AssumeRoleWithWebIdentity"
 # Codes of tokens.TokenVerifier raised only after the signature verified (claims checks).
 CLAIM_CODES = frozenset({"wrong_issuer", "wrong_audience", "expired_token", "token_not_yet_valid"})
-SIGNATURE_CODES = frozenset({"bad_signature", "unknown_key", "algorithm_not_allowed"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,12 +65,12 @@ def read_token(raw: str) -> Token:
     line_break = "\n" in raw or "\r" in raw
     if not text:
         return Token(text=text, line_break=line_break, header=None, claims=None, problem="the token is empty")
-    try:
-        header = jwt.get_unverified_header(text)
-        claims = jwt.decode(text, options={"verify_signature": False})
-    except jwt.PyJWTError as exc:
+    try:  # read as the daemon reads it: what it refuses is not a JWT here either
+        compact = jws.parse(text)
+        claims = jws.payload(compact)
+    except jws.MalformedError as exc:
         return Token(text=text, line_break=line_break, header=None, claims=None, problem=str(exc))
-    return Token(text=text, line_break=line_break, header=header, claims=claims, problem=None)
+    return Token(text=text, line_break=line_break, header=compact.header, claims=claims, problem=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,20 +84,9 @@ def read_key_set(document: Any) -> KeySet:
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list) or not all(
             isinstance(key, Mapping) for key in document["keys"]):
         return KeySet(usable=(), skipped=(), problem='not a JSON Web Key Set (an object with a "keys" list)')
-    # parse_key_set logs why it skips a key; doctor shows those lines instead of logging them.
-    logger = logging.getLogger(tokens.__name__)
-    captured = io.StringIO()
-    handler = logging.StreamHandler(captured)
-    propagate, level = logger.propagate, logger.level
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.WARNING)
-    try:
-        keys = tokens.parse_key_set(document)
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate, logger.level = propagate, level
-    return KeySet(usable=tuple(str(kid) for kid in keys), skipped=tuple(captured.getvalue().splitlines()), problem=None)
+    skipped: list[str] = []  # why each key the daemon would not trust is skipped, in its words
+    keys = tokens.parse_key_set(document, skipped)
+    return KeySet(usable=tuple(str(kid) for kid in keys), skipped=tuple(skipped), problem=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +123,8 @@ async def verify_signature(token: Token, key_source: tokens.KeySource) -> Signat
         max_verified=1,
     )
     try:
-        await verifier.load_keys()
+        with _quiet(tokens.log):  # the keys it skips are the key-set check's to show, not the log's
+            await verifier.load_keys()
     except Exception as exc:  # the daemon refuses to start on this too
         return Signature(verified=False, code="no_usable_key", message=str(exc))
     try:
@@ -149,6 +136,15 @@ async def verify_signature(token: Token, key_source: tokens.KeySource) -> Signat
     kid = (token.header or {}).get("kid")
     return Signature(verified=True, code=None,
                      message=f"signed with {(token.header or {}).get('alg')} by key {kid!r} of {key_source.description}")
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def _inside_lifetime(token: Token) -> float:

@@ -113,10 +113,6 @@ class Condition:
     def negated(self) -> bool:
         return OPERATORS[self.base].negated
 
-    def __str__(self) -> str:
-        shown = self.values[0] if len(self.values) == 1 else list(self.values)
-        return f'{self.operator} {{"{self.key}": {_json(shown)}}}'
-
 
 Principals = Mapping[str, tuple[str, ...]]  # {"Federated": (...), "AWS": (...)}; {"*": ("*",)} for "*"
 
@@ -216,10 +212,6 @@ def _strings(raw: Any, where: str) -> tuple[str, ...]:
     if not out:
         raise PolicyError(f"{where}: empty list")
     return tuple(out)
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value)
 
 
 # --- the request ---------------------------------------------------------------------
@@ -493,11 +485,11 @@ def evaluate_condition(condition: Condition, context: Context, *, version: str |
     else:
         truth = any(ok.values())
     if truth:
-        why = f"{key} is {_json(shown)}, which {condition.base} admits"
+        why = f"{key} is {json.dumps(shown)}, which {condition.base} admits"
     elif operator.negated:
-        why = f"{key} is {_json(shown)}, which {condition.base} excludes (it matches {_json(list(matched))})"
+        why = f"{key} is {json.dumps(shown)}, which {condition.base} excludes (it matches {json.dumps(list(matched))})"
     else:
-        why = f"{key} is {_json(shown)}, which matches none of {_json(list(condition.values))}"
+        why = f"{key} is {json.dumps(shown)}, which matches none of {json.dumps(list(condition.values))}"
     return outcome(Truth.of(truth), why, values, matched)
 
 

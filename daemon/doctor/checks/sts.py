@@ -17,9 +17,9 @@ from daemon.doctor.checks import token as token_checks
 from daemon.doctor.checks import trust as trust_checks
 from daemon.doctor.facts import Facts
 from daemon.doctor.model import Check, Finding, Link, Status, passed, skipped, warned
+from daemon.sts import THROTTLING_CODES
 
 CheckFn = Callable[[Facts], Finding]
-THROTTLING = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"})
 KEY_SET_REACHABLE = ("the issuer's /.well-known/openid-configuration and its jwks_uri must answer over HTTPS from "
                      "the internet (EKS serves them for you; a self-hosted issuer needs a public bucket or endpoint)")
 
@@ -123,7 +123,7 @@ def check_assume_role(facts: Facts) -> Finding:
         return passed(f"STS issued credentials for {answer.assumed_role_arn} (until {answer.expiration}); doctor "
                       "discarded them")
     said = f"STS answered {answer.code}: {answer.message}"
-    if answer.code in THROTTLING:
+    if answer.code in THROTTLING_CODES:
         return warned(f"{said}: throttled, no verdict", "run doctor again in a minute")
     cause = blame(answer.code, answer.message or "")
     for check in cause.checks:
