@@ -443,33 +443,7 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
         problems.append(f"{region_source}: {region!r} is not an AWS region name like eu-west-1")
     endpoint = v["sts_endpoint_url"] or _regional_sts_endpoint(region)
 
-    session = v["session_duration"]
-    if session is not None and not STS_MIN_SESSION_SECONDS <= session <= STS_MAX_SESSION_SECONDS:
-        problems.append(
-            f"{src['session_duration']}: {session:g} s is outside STS's "
-            f"{STS_MIN_SESSION_SECONDS}..{STS_MAX_SESSION_SECONDS} s"
-        )
-        session = None  # the floor cannot be judged against a session STS would refuse
-    floor, jitter = v["serve_floor"], v["refresh_jitter"]
-    if None not in (session, floor, jitter):
-        earliest_refresh_left = session * (0.5 - jitter)
-        if floor >= earliest_refresh_left:
-            problems.append(
-                f"{src['serve_floor']}: {floor:g} s must be below the time left at the latest refresh "
-                f"({earliest_refresh_left:g} s = session {session:g} s x (0.5 - jitter {jitter:g})), "
-                "or every request would wait for STS"
-            )
-        if floor <= STALE_CUTOFF_SECONDS:
-            problems.append(f"{src['serve_floor']}: {floor:g} s must be above the stale cutoff of {STALE_CUTOFF_SECONDS:g} s")
-    if v["sts_timeout"] is not None and v["sts_timeout"] <= 0:
-        problems.append(f"{src['sts_timeout']}: must be above 0")
-    if v["request_hold"] is not None and v["request_hold"] <= 0:
-        problems.append(f"{src['request_hold']}: must be above 0")
-    if None not in (v["request_hold"], v["refresh_wait"]) and v["refresh_wait"] > v["request_hold"]:
-        problems.append(f"{src['refresh_wait']}: {v['refresh_wait']:g} s must not exceed the request hold "
-                        f"({v['request_hold']:g} s)")
-    if v["idle_evict"] is not None and v["idle_evict"] <= 0:
-        problems.append(f"{src['idle_evict']}: must be above 0")
+    problems += cache_and_sts_rules(v, src)
 
     if v["status_dir"] is not None and not v["status_dir"].is_dir():
         problems.append(f"{src['status_dir']}: {v['status_dir']} is not a directory")
@@ -521,8 +495,8 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
             cluster=cluster,
         ),
         cache=CacheSettings(
-            serve_floor_seconds=floor,
-            refresh_jitter=jitter,
+            serve_floor_seconds=v["serve_floor"],
+            refresh_jitter=v["refresh_jitter"],
             idle_evict_seconds=v["idle_evict"],
             max_entries=v["max_entries"],
             request_hold_seconds=v["request_hold"],
@@ -532,14 +506,45 @@ def _build(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str], p
     )
 
 
+def cache_and_sts_rules(v: Mapping[str, Any], src: Mapping[str, str]) -> list[str]:
+    """The rules between the cache's and STS's settings, by option dest (a value that is
+    absent or failed to parse is None and skips the rules it feeds); `src` names each
+    setting as the user gave it. `serve` and `simulate` both apply them."""
+    problems: list[str] = []
+    session, floor, jitter = v.get("session_duration"), v.get("serve_floor"), v.get("refresh_jitter")
+    if session is not None and not STS_MIN_SESSION_SECONDS <= session <= STS_MAX_SESSION_SECONDS:
+        problems.append(
+            f"{src['session_duration']}: {session:g} s is outside STS's "
+            f"{STS_MIN_SESSION_SECONDS}..{STS_MAX_SESSION_SECONDS} s"
+        )
+        session = None  # the floor cannot be judged against a session STS would refuse
+    if None not in (session, floor, jitter):
+        earliest_refresh_left = session * (0.5 - jitter)
+        if floor >= earliest_refresh_left:
+            problems.append(
+                f"{src['serve_floor']}: {floor:g} s must be below the time left at the latest refresh "
+                f"({earliest_refresh_left:g} s = session {session:g} s x (0.5 - jitter {jitter:g})), "
+                "or every request would wait for STS"
+            )
+        if floor <= STALE_CUTOFF_SECONDS:
+            problems.append(f"{src['serve_floor']}: {floor:g} s must be above the stale cutoff of {STALE_CUTOFF_SECONDS:g} s")
+    for dest in ("sts_timeout", "request_hold", "idle_evict"):
+        if v.get(dest) is not None and v[dest] <= 0:
+            problems.append(f"{src[dest]}: must be above 0")
+    hold, wait = v.get("request_hold"), v.get("refresh_wait")
+    if hold is not None and wait is not None and wait > hold:
+        problems.append(f"{src['refresh_wait']}: {wait:g} s must not exceed the request hold ({hold:g} s)")
+    if v.get("sts_cluster_rate") is None and v.get("sts_cluster_burst") is not None:
+        problems.append(f"{src['sts_cluster_burst']}: only with --sts-cluster-rate")
+    return problems
+
+
 def _cluster_budget(v: dict[str, Any], src: dict[str, str], environ: Mapping[str, str],
                     problems: list[str]) -> ClusterBudgetSettings | None:
     """--sts-cluster-rate: the node count comes from the daemon's own DaemonSet, named by the
     manifest in DAEMONSET_NAME and POD_NAMESPACE, read through the Kubernetes API."""
     rate = v["sts_cluster_rate"]
     if rate is None:
-        if v["sts_cluster_burst"] is not None:
-            problems.append(f"{src['sts_cluster_burst']}: only with --sts-cluster-rate")
         return None
     name, namespace = environ.get("DAEMONSET_NAME"), environ.get("POD_NAMESPACE")
     if v["directory"] != "kubernetes":

@@ -222,6 +222,11 @@ def test_the_daemons_own_flags_configure_the_simulated_daemons() -> None:
     pytest.param(["--ramp", "soon"], "--ramp: 'soon' is not a duration", id="ramp"),
     pytest.param(["--serve-floor", "40m"], "--serve-floor: 2400 s must be below the time left", id="floor"),
     pytest.param(["--modes", "direct,magic"], "--modes: 'magic' is not one of", id="modes"),
+    # The rules `serve` applies between its own settings, the same here:
+    pytest.param(["--refresh-wait", "60"], "--refresh-wait: 60 s must not exceed the request hold", id="wait"),
+    pytest.param(["--request-hold", "0"], "--request-hold: must be above 0", id="hold"),
+    pytest.param(["--idle-evict", "0"], "--idle-evict: must be above 0", id="idle"),
+    pytest.param(["--sts-cluster-burst", "5"], "--sts-cluster-burst: only with --sts-cluster-rate", id="burst"),
     pytest.param(["--placement", "packed", "--pods-per-identity", "1000"], "--placement packed: 3000 pods do not fit",
                  id="packed-overflow"),
 ])

@@ -105,8 +105,9 @@ def inputs_from(args: argparse.Namespace) -> tuple[Inputs, list[str]]:
         "seed": parsed("--seed", args.seed, int),
     }
     knobs: dict[str, Any] = {}
+    serve_values: dict[str, Any] = {}  # by the option's dest, for the rules `serve` applies
     for flag, option in _OPTIONS.items():
-        value = parsed(flag, getattr(args, option.dest) or option.default, option.parse)
+        value = serve_values[option.dest] = parsed(flag, getattr(args, option.dest) or option.default, option.parse)
         if value is not None:
             knobs[DAEMON_FLAGS[flag]] = value
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
@@ -115,30 +116,12 @@ def inputs_from(args: argparse.Namespace) -> tuple[Inputs, list[str]]:
             problems.append(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
     if not modes:
         problems.append("--modes: name at least one")
-    problems += _daemon_rules(knobs)
+    problems += config.cache_and_sts_rules(serve_values, {option.dest: flag for flag, option in _OPTIONS.items()})
     if problems:
         raise ConfigError(problems)
     inputs = Inputs(handoff=args.handoff, daemon=DaemonKnobs(**knobs),
                     **{k: v for k, v in values.items() if v is not None})
     return inputs, modes
-
-
-def _daemon_rules(knobs: dict[str, Any]) -> list[str]:
-    """The cross-field rules `serve` checks on the same flags (config._build)."""
-    defaults = DaemonKnobs()
-    session = knobs.get("session_duration_seconds", defaults.session_duration_seconds)
-    floor = knobs.get("serve_floor_seconds", defaults.serve_floor_seconds)
-    jitter = knobs.get("refresh_jitter", defaults.refresh_jitter)
-    problems = []
-    if not config.STS_MIN_SESSION_SECONDS <= session <= config.STS_MAX_SESSION_SECONDS:
-        problems.append(f"--session-duration: {session:g} s is outside STS's "
-                        f"{config.STS_MIN_SESSION_SECONDS}..{config.STS_MAX_SESSION_SECONDS} s")
-    elif floor >= session * (0.5 - jitter):
-        problems.append(f"--serve-floor: {floor:g} s must be below the time left at the latest refresh "
-                        f"({session * (0.5 - jitter):g} s), or every request would wait for STS")
-    if floor <= config.STALE_CUTOFF_SECONDS:
-        problems.append(f"--serve-floor: {floor:g} s must be above the stale cutoff of {config.STALE_CUTOFF_SECONDS:g} s")
-    return problems
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
