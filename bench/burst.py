@@ -524,7 +524,7 @@ def steady_state(*, identities: int, pods_per_identity: int, hours: float, sessi
     outcomes: Counter[str] = Counter()
     refused: Counter[str] = Counter()
     finished_at: list[float] = []
-    policy = CachePolicy()  # the daemon's defaults: floor 960 s, jitter 0.1, hold 1.5 s
+    policy = CachePolicy()  # the daemon's defaults: floor 960 s, jitter 0.1, hold 30 s
 
     class CountingSts:
         """Healthy STS: answers after `sts_latency`, credentials for exactly `session_seconds`."""

@@ -323,6 +323,17 @@ SERVE_OPTIONS: tuple[Option, ...] = (
 )
 
 
+def serve_default(flag: str) -> Any:
+    """The parsed default of one `serve` flag (None if it has none)."""
+    option = next(option for option in SERVE_OPTIONS if option.flag == flag)
+    return None if option.default is None else option.parse(option.default)
+
+
+def cluster_burst_default(rate_per_second: float) -> int:
+    """--sts-cluster-burst when not given: one second of the cluster's rate."""
+    return max(1, math.ceil(rate_per_second))
+
+
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     add_options(parser, SERVE_OPTIONS)
 
@@ -553,7 +564,7 @@ def _cluster_budget(v: dict[str, Any], src: dict[str, str], environ: Mapping[str
     elif not name or not namespace:
         problems.append(f"{src['sts_cluster_rate']}: set DAEMONSET_NAME and POD_NAMESPACE to this daemon's own "
                         "DaemonSet (deploy/base/daemonset.yaml does), whose node count divides the rate")
-    burst = v["sts_cluster_burst"] if v["sts_cluster_burst"] is not None else max(1, math.ceil(rate))
+    burst = v["sts_cluster_burst"] if v["sts_cluster_burst"] is not None else cluster_burst_default(rate)
     return ClusterBudgetSettings(rate_per_second=rate, burst=burst, daemonset_namespace=namespace or "",
                                  daemonset_name=name or "")
 

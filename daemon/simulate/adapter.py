@@ -143,11 +143,12 @@ class SimulatedDaemon:
         if knobs.cluster_rate_per_second is not None:
             cluster = config.ClusterBudgetSettings(
                 rate_per_second=knobs.cluster_rate_per_second,
-                burst=knobs.cluster_burst or max(1, math.ceil(knobs.cluster_rate_per_second)),
+                burst=knobs.cluster_burst or config.cluster_burst_default(knobs.cluster_rate_per_second),
                 daemonset_namespace="simulated", daemonset_name="irsa-cache")
         self.sts_settings = config.StsSettings(
             region="simulated", endpoint_url="http://sts.simulated.invalid",
-            session_duration_seconds=int(knobs.session_duration_seconds), timeout_seconds=5.0,
+            session_duration_seconds=int(knobs.session_duration_seconds),
+            timeout_seconds=config.serve_default("--sts-timeout"),
             rate_per_second=knobs.sts_rate_per_second, burst=knobs.sts_burst,
             concurrency=knobs.sts_concurrency, max_queued=knobs.sts_queue, cluster=cluster,
         )

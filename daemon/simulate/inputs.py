@@ -15,6 +15,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from daemon import config
+
 PLACEMENTS = ("spread", "packed", "random")
 SCENARIOS = ("steady", "scale-out", "rollout", "node-replacement", "cold-start")
 MODES = ("direct", "per-pod", "irsa-cache")
@@ -46,19 +48,19 @@ DEFAULT_SURGE_FRACTION = 0.1
 
 @dataclass(frozen=True, kw_only=True)
 class DaemonKnobs:
-    """The daemon's own cache and budget settings (`irsa-cache serve` flags, same defaults)."""
+    """The daemon's own cache and budget settings: `irsa-cache serve` flags, their defaults read from it."""
 
-    session_duration_seconds: float = 3600.0
-    serve_floor_seconds: float = 960.0
-    refresh_jitter: float = 0.1
-    request_hold_seconds: float = 30.0
-    refresh_wait_seconds: float = 0.2
-    idle_evict_seconds: float = 3600.0
-    max_entries: int = 20_000
-    sts_rate_per_second: float = 10.0
-    sts_burst: int = 20
-    sts_concurrency: int = 8
-    sts_queue: int = 500
+    session_duration_seconds: float = config.serve_default("--session-duration")
+    serve_floor_seconds: float = config.serve_default("--serve-floor")
+    refresh_jitter: float = config.serve_default("--refresh-jitter")
+    request_hold_seconds: float = config.serve_default("--request-hold")
+    refresh_wait_seconds: float = config.serve_default("--refresh-wait")
+    idle_evict_seconds: float = config.serve_default("--idle-evict")
+    max_entries: int = config.serve_default("--max-entries")
+    sts_rate_per_second: float = config.serve_default("--sts-rate")
+    sts_burst: int = config.serve_default("--sts-burst")
+    sts_concurrency: int = config.serve_default("--sts-concurrency")
+    sts_queue: int = config.serve_default("--sts-queue")
     cluster_rate_per_second: float | None = None
     cluster_burst: int | None = None
 
