@@ -397,7 +397,7 @@ async def running(
         share = cluster_share(settings.sts)
         cache = CredentialCache(
             source=budgeted(source, settings.sts, share), clock=clock, policy=cache_policy(settings.cache),
-            in_use=directory.in_use, live_pods=directory.in_use if settings.directory.kind == "kubernetes" else None,
+            in_use=directory.in_use, in_use_means_live_pod=settings.directory.kind == "kubernetes",
         )
         if share is not None and settings.sts.cluster is not None:
             follow = asyncio.create_task(cluster_budget.follow_node_count(

@@ -149,19 +149,19 @@ class CredentialCache:
         policy: CachePolicy,
         rng: random.Random | None = None,
         in_use: Callable[[CacheKey], bool] = lambda key: True,
-        live_pods: Callable[[CacheKey], bool] | None = None,
+        in_use_means_live_pod: bool = False,
     ) -> None:
-        """`in_use` says whether an identity still has a caller on this node (a live pod);
-        entries it rejects are not refreshed and age out as idle. `live_pods`, where the
-        directory knows the node's pods, keeps an identity with a live pod here from
-        ageing out at all: its pods ask less often than --idle-evict when the session is
-        longer."""
+        """`in_use` says whether an identity still has a caller on this node; entries it
+        rejects are not refreshed and age out as idle. `in_use_means_live_pod`, where the
+        directory knows the node's pods (so `in_use` says a live pod of the identity runs
+        here), keeps such an identity from ageing out at all: its pods ask less often than
+        --idle-evict when the session is longer."""
         self._source = source
         self._clock = clock
         self._policy = policy
         self._rng = rng or random.Random()
         self._in_use = in_use
-        self._live_pods = live_pods
+        self._in_use_means_live_pod = in_use_means_live_pod
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # least recently used first
         # (time, sequence, entry); items left behind by a rescheduled or evicted entry are
         # skipped when they surface, and dropped in bulk when they outnumber the entries.
@@ -313,7 +313,7 @@ class CredentialCache:
             token = entry.usable_token(now)
             cached = entry.credentials
             if now - entry.last_used > self._policy.idle_evict_seconds:
-                if self._live_pods is None or not self._live_pods(entry.key):
+                if not (self._in_use_means_live_pod and self._in_use(entry.key)):
                     self._evict(entry, "idle")
                     continue
                 # A live pod of this identity runs here: it will ask again (its SDK refreshes

@@ -533,7 +533,7 @@ async def test_an_identity_with_a_live_pod_is_never_idle_evicted(clock: FakeCloc
     # without its live pod counted as a use, each of its refreshes would be a cold exchange.
     live = {"system:serviceaccount:ns:app"}
     cache = CredentialCache(source=source, clock=clock, policy=POLICY, rng=random.Random(3),
-                            in_use=lambda key: key.subject in live, live_pods=lambda key: key.subject in live)
+                            in_use=lambda key: key.subject in live, in_use_means_live_pod=True)
     token = make_token(clock)
     await cache.get(key_for(token), token)
 

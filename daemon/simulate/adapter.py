@@ -169,7 +169,7 @@ class SimulatedDaemon:
             refresh_wait_seconds=self.knobs.refresh_wait_seconds,
         ))
         return CredentialCache(source=_NodeSource(self), clock=self._clock, policy=policy, in_use=self.in_use,
-                               live_pods=self.in_use, rng=self.rng)  # as in Kubernetes mode: the node's pods are known
+                               in_use_means_live_pod=True, rng=self.rng)  # as in Kubernetes mode: the node's pods are known
 
     def _clock(self) -> float:
         return EPOCH + self.loop.time()
