@@ -89,19 +89,31 @@ class StsBudget:
         metrics.STS_BUDGET_RATE.set(self.rate)
 
     @property
+    def _active_share(self) -> ClusterShare | None:
+        """The share, when the cluster's budget is in force: it sets the rate and the bucket."""
+        return self._share if self._share is not None and self._share.active else None
+
+    @property
     def _burst(self) -> float:
-        return self._share.capacity if self._share is not None and self._share.active else float(self._policy.burst)
+        share = self._active_share
+        return share.capacity if share is not None else float(self._policy.burst)
+
+    def _follow_share(self) -> None:
+        """The rate is the share's now (its gauge too)."""
+        assert self._share is not None
+        if self._share.rate != self.rate:
+            self.rate = self._share.rate
+            metrics.STS_BUDGET_RATE.set(self.rate)
 
     def _share_changed(self) -> None:
         """The node count changed (or became known): the rate and bucket follow at once."""
         assert self._share is not None
         now = self._loop.time()
         self._refill(now)
-        self.rate = self._share.rate
+        self._follow_share()
         # From the per-node budget to the share: start from the node's part of the burst.
         self._tokens = min(self._tokens, self._burst) if self._shared else self._share.initial_tokens()
         self._shared = True
-        metrics.STS_BUDGET_RATE.set(self.rate)
         self._dispatch()
 
     @property
@@ -139,14 +151,13 @@ class StsBudget:
         now = self._loop.time()
         self._refill(now)
         self._throttled_since_success = True
-        if self._share is not None and self._share.active:
+        if (share := self._active_share) is not None:
             # Borrowing cut (never below the share) and held for a while. The bucket is kept (down
             # to its new size): the node's own share is still its own. (Emptying it, as the per-node
             # budget does, would leave quota unused: the shares add up to the account's rate.)
-            self._share.throttled(now)
-            self.rate = self._share.rate
+            share.throttled(now)
+            self._follow_share()
             self._tokens = min(self._tokens, self._burst)
-            metrics.STS_BUDGET_RATE.set(self.rate)
             return
         self._tokens = min(self._tokens, 0.0)
         if now - self._last_cut < self._policy.cut_interval_seconds:
@@ -158,13 +169,11 @@ class StsBudget:
 
     def succeeded(self) -> None:
         """Recover along the CUBIC curve towards the configured rate (shared: maybe borrow more)."""
-        if self._share is not None and self._share.active:
+        if (share := self._active_share) is not None:
             now = self._loop.time()
             self._refill(now)
-            self._share.succeeded(now, backlog=bool(self._waiting))
-            if self._share.rate != self.rate:
-                self.rate = self._share.rate
-                metrics.STS_BUDGET_RATE.set(self.rate)
+            share.succeeded(now, backlog=bool(self._waiting))
+            self._follow_share()
             return
         if not self._throttled_since_success and self.rate >= self._policy.rate_per_second:
             return
@@ -181,12 +190,11 @@ class StsBudget:
                 f"{len(self._waiting)} STS exchanges are already queued on this node; retry shortly"
             )
         if self._idle_since is not None:
-            if self._share is not None and self._share.active:
+            if (share := self._active_share) is not None:
                 now = self._loop.time()
                 self._refill(now)
-                self._share.resume(now - self._idle_since)
-                self.rate = self._share.rate
-                metrics.STS_BUDGET_RATE.set(self.rate)
+                share.resume(now - self._idle_since)
+                self._follow_share()
             self._idle_since = None
         ticket.seq = next(self._seq)
         ticket.granted = self._loop.create_future()
@@ -218,12 +226,10 @@ class StsBudget:
             self._wakeup = None
         now = self._loop.time()
         self._refill(now)
-        share = self._share
-        if share is not None and share.active and self._waiting:
+        share = self._active_share
+        if share is not None and self._waiting:
             share.grow(now, backlog=True)  # exchanges wait: borrow more if the share allows
-            if share.rate != self.rate:
-                self.rate = share.rate
-                metrics.STS_BUDGET_RATE.set(self.rate)
+            self._follow_share()
         while self._waiting and self._in_flight < self._policy.concurrency and self._tokens >= 1.0 - _EPSILON:
             ticket = min(self._waiting, key=lambda t: (t.priority, t.seq))
             self._waiting.remove(ticket)
@@ -237,7 +243,7 @@ class StsBudget:
         if self._waiting and self._in_flight < self._policy.concurrency:
             # Out of tokens: come back when the next one is due. (Out of slots: a release calls us.)
             due_in = max((1.0 - self._tokens) / self.rate, _MIN_WAKEUP_SECONDS)
-            if share is not None and share.active:
+            if share is not None:
                 due_in = min(due_in, share.policy.raise_interval_seconds)  # the rate may grow meanwhile
             self._wakeup = self._loop.call_at(now + due_in, self._dispatch)
 
