@@ -340,19 +340,29 @@ class TokenReviewVerifier:
         if self.issuer is None:
             await retry_until_done(discover, on_failure=failed, max_delay_seconds=self._retry_max_seconds)
 
+    def verified_before(self, token: str) -> VerifiedToken | None:
+        """What a review of `token` said, while the token is valid; None: call `verify`."""
+        return self._known(hashlib.sha256(token.encode()).digest(), token)
+
+    def _known(self, digest: bytes, token: str) -> VerifiedToken | None:
+        cached = self._reviewed.get(digest)
+        if cached is None or self._clock() >= cached[1]:
+            return None
+        metrics.token_verification("cached").inc()
+        return VerifiedToken(identity=cached[0], raw=token, expires_at=cached[1], fingerprint=cached[2])
+
     async def verify(self, token: str) -> VerifiedToken:
         if not token.isascii():
             metrics.token_verification("malformed_token").inc()
             raise TokenError("the token holds characters that are not ASCII: not a JWT", code="malformed_token")
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._known(digest, token)
+        if known is not None:
+            return known
         if self.issuer is None:
             raise DirectoryUnavailableError(f"cannot verify tokens yet: {self.not_ready_reason}; retry shortly",
                                             code="keys_unavailable")
-        digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
-        cached = self._reviewed.get(digest)
-        if cached is not None and now < cached[1]:
-            metrics.token_verification("cached").inc()
-            return VerifiedToken(identity=cached[0], raw=token, expires_at=cached[1], fingerprint=cached[2])
         rejected = self._rejected.get(digest)
         if rejected is not None:
             metrics.REFUSALS_REMEMBERED.labels(kind="token_review").inc()
