@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from botocore.retries.throttling import CubicCalculator
 
 from daemon import metrics
-from daemon.backoff import capped
+from daemon.backoff import full_jitter
 from daemon.cluster_budget import ClusterShare
 from daemon.errors import OverloadedError, StsDeniedError, StsError
 from daemon.models import Credentials, CredentialSource, Priority, Ticket, VerifiedToken
@@ -310,7 +310,7 @@ class BudgetedSource:
             finally:
                 self._budget.release()
             # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
-            delay = self._rng.uniform(0, capped(self._retry.backoff_base_seconds, self._retry.backoff_max_seconds, attempt))
+            delay = full_jitter(self._rng, self._retry.backoff_base_seconds, self._retry.backoff_max_seconds, attempt)
             if loop.time() + delay >= deadline:
                 raise _with_history(error, attempt, loop.time() - started) from None
             metrics.STS_RETRIES.labels(reason=reason).inc()

@@ -29,12 +29,13 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from daemon import jws, metrics
-from daemon.backoff import capped
+from daemon.backoff import full_jitter
 from daemon.errors import DirectoryUnavailableError, TokenError
 from daemon.logs import describe
 from daemon.models import Clock, Identity, VerifiedToken, digest_fingerprint
 
 log = logging.getLogger(__name__)
+_RNG = random.Random()  # the key loader's backoff jitter
 
 # Asymmetric only: never `none`, never HMAC (an HMAC "signed" with our public key
 # would otherwise verify).
@@ -165,7 +166,7 @@ async def retry_until_done(attempt: Callable[[], Awaitable[None]], *, on_failure
             failures += 1
             reason = describe(exc)
             on_failure(reason)
-            delay = random.uniform(0, capped(KEY_LOAD_BACKOFF_BASE_SECONDS, max_delay_seconds, failures))
+            delay = full_jitter(_RNG, KEY_LOAD_BACKOFF_BASE_SECONDS, max_delay_seconds, failures)
             log.warning("%s; retrying in %.1f s", reason, delay)
             await asyncio.sleep(delay)
 

@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from daemon import metrics
-from daemon.backoff import capped
+from daemon.backoff import full_jitter
 from daemon.config import ApiTimeouts
 from daemon.logs import describe
 
@@ -174,7 +174,7 @@ class Informer:
                 # Expired at once, every time, would spin (a proxy answering 410 to every
                 # watch): back off as after any failure.
                 failures += 1
-                delay = self._rng.uniform(0, capped(BACKOFF_BASE_SECONDS, self._timeouts.backoff_max_seconds, failures))
+                delay = full_jitter(self._rng, BACKOFF_BASE_SECONDS, self._timeouts.backoff_max_seconds, failures)
                 log.warning("%s informer: the watch expired at once; listing again in %.1f s", self.name, delay)
                 await asyncio.sleep(delay)
             except _Silent:
@@ -191,7 +191,7 @@ class Informer:
                 # says nothing until its first event) and the diff catches what was missed.
                 self._resource_version = None
                 self._restart("error")
-                delay = self._rng.uniform(0, capped(BACKOFF_BASE_SECONDS, self._timeouts.backoff_max_seconds, failures))
+                delay = full_jitter(self._rng, BACKOFF_BASE_SECONDS, self._timeouts.backoff_max_seconds, failures)
                 log.warning("%s informer: %s; retrying in %.1f s", self.name, self.last_error, delay)
                 await asyncio.sleep(delay)
 
