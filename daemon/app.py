@@ -53,8 +53,6 @@ from daemon.tokens import FileKeySource, TokenVerifier
 
 log = logging.getLogger(__name__)
 
-BIND_WAIT_SECONDS = 30.0  # for a predecessor that does not hand over to let go of an address
-STATUS_INTERVAL_SECONDS = 1.0
 CLEANUP_SECONDS = 2.0  # after the drain: close what is left
 
 
@@ -295,8 +293,8 @@ async def _sockets(addresses: Sequence[config.Address], role: str, inheritance: 
 
 async def _bind(address: config.Address, *, patient: bool) -> socket.socket:
     """Bind `address`; if a predecessor that did not hand over may still hold it (its
-    handoff socket is there), wait up to BIND_WAIT_SECONDS for it to let go."""
-    deadline = asyncio.get_running_loop().time() + (BIND_WAIT_SECONDS if patient else 0)
+    handoff socket is there), wait up to config.BIND_WAIT_SECONDS for it to let go."""
+    deadline = asyncio.get_running_loop().time() + (config.BIND_WAIT_SECONDS if patient else 0)
     while True:
         try:
             return listeners.bind(address)
@@ -333,7 +331,7 @@ class StatusFiles:
                     else:
                         self._remove("ready")
                         ready = False
-                await asyncio.sleep(STATUS_INTERVAL_SECONDS)
+                await asyncio.sleep(config.STATUS_INTERVAL_SECONDS)
         finally:
             self._remove("ready")
 

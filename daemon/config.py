@@ -67,6 +67,15 @@ REFUSAL_SECONDS = 30.0  # a permanent STS refusal is answered from memory this l
 INVALID_TOKEN_REFUSAL_SECONDS = 5.0  # InvalidIdentityToken: may be STS failing to fetch the keys
 ABSENT_POD_SECONDS = 30.0  # a pod found absent from this node is remembered this long
 DIRECTORY_SYNC_WAIT_SECONDS = 10.0  # at start, serving waits this long at most for the directory to sync
+# Upgrades: a successor waits at most HANDOFF_SECONDS for its predecessor's sockets and
+# cache, then starts cold; the predecessor waits CONFIRM_SECONDS for "done" (sent once the
+# successor serves: after its directory's sync, plus its setup); an address a predecessor
+# that does not hand over still holds is retried for BIND_WAIT_SECONDS.
+HANDOFF_SECONDS = 5.0
+CONFIRM_SECONDS = DIRECTORY_SYNC_WAIT_SECONDS + 2 * HANDOFF_SECONDS
+BIND_WAIT_SECONDS = 30.0
+STATUS_INTERVAL_SECONDS = 1.0  # how often the --status-dir files follow readiness
+TOKEN_REVIEWS_AT_ONCE = 16  # TokenReviews under way at most; more are told to retry (503)
 DRAIN_SECONDS = 20.0  # SIGTERM: in-flight requests finish within this (the pod's grace is 30 s)
 FD_RESERVE = 128  # file descriptors kept for everything but client connections
 

@@ -25,7 +25,7 @@ object; the sockets ride on the first frame A sends. The cache state has its own
 sockets (their passing never changes) and starts cold. Both ends check that the peer
 runs under their own uid (SO_PEERCRED); the socket's directory is the daemon's alone.
 
-Degraded cases end in a cold start within `HANDOFF_SECONDS`: no predecessor, a stale
+Degraded cases end in a cold start within `config.HANDOFF_SECONDS`: no predecessor, a stale
 socket, garbage, a predecessor that never answers, an incompatible version.
 """
 
@@ -58,10 +58,6 @@ log = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
 STATE_VERSION = 1
-HANDOFF_SECONDS = 5.0  # a successor waits at most this for its predecessor, then starts cold
-# The predecessor waits this long for "done": the successor confirms only once it serves,
-# after waiting up to DIRECTORY_SYNC_WAIT_SECONDS for its directory, plus its setup.
-CONFIRM_SECONDS = config.DIRECTORY_SYNC_WAIT_SECONDS + 2 * HANDOFF_SECONDS
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # 20,000 identities are a few tens of MB
 MAX_SOCKETS = 16
 _LENGTH = struct.Struct(">I")
@@ -278,7 +274,7 @@ class Predecessor:
             except OSError:
                 return  # closed
             with connection:
-                connection.settimeout(HANDOFF_SECONDS)
+                connection.settimeout(config.HANDOFF_SECONDS)
                 started = time.monotonic()
                 try:
                     if self._hand_over(connection):
@@ -300,13 +296,13 @@ class Predecessor:
         _send(connection, {"sockets": described}, [sock.fileno() for _, sock in self.sockets])
         wanted = hello.get("state_versions") or []
         if STATE_VERSION in wanted:
-            entries, refusals = asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop).result(HANDOFF_SECONDS)
+            entries, refusals = asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop).result(config.HANDOFF_SECONDS)
             _send(connection, {"state": encode_state(entries, refusals)})
         else:
             entries = []
             _send(connection, {"state": None, "reason": f"state version {STATE_VERSION} is not one the successor "
                                f"reads ({wanted})"})
-        connection.settimeout(CONFIRM_SECONDS)
+        connection.settimeout(config.CONFIRM_SECONDS)
         done, _ = _receive(connection)
         if done.get("done") is not True:
             raise HandoffError("the successor did not confirm")
@@ -364,7 +360,7 @@ def _check_listening(sock: socket.socket, described: Address) -> None:
         raise HandoffError(f"a socket described as {described} listens on {Address(str(host), int(port))}")
 
 
-def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inheritance | None:
+def inherit(path: Path, *, timeout_seconds: float | None = None) -> Inheritance | None:
     """Take over from a predecessor listening on `path`, or None (start cold) for any
     reason, said in the log. Blocking: run it in a thread."""
     started = time.monotonic()
@@ -373,7 +369,7 @@ def inherit(path: Path, *, timeout_seconds: float = HANDOFF_SECONDS) -> Inherita
         log.info("handoff: no predecessor at %s; starting cold", path)
         return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    connection.settimeout(timeout_seconds)
+    connection.settimeout(config.HANDOFF_SECONDS if timeout_seconds is None else timeout_seconds)
     received: list[int] = []  # descriptors not yet owned by a socket object
     sockets: list[tuple[str, Address, socket.socket]] = []
     try:

@@ -294,7 +294,7 @@ async def test_a_broken_predecessor_means_a_cold_start_within_the_bound(
         serving.cancel()
         fake.close()
 
-    assert elapsed < handoff.HANDOFF_SECONDS + 3
+    assert elapsed < config.HANDOFF_SECONDS + 3
     assert (await fetch(http, daemon, issuer.mint(SUBJECTS[0]))).status == 200
     assert metric("irsa_cache_handoffs_total", role="successor", outcome="failed") == failed + 1
     # And it listens for its own successor at the same path.
@@ -396,7 +396,7 @@ async def test_a_successor_that_syncs_before_confirming_still_retires_the_predec
     """The successor says "done" only once it serves, which may follow a directory sync
     far longer than the handoff's own bound: the predecessor must wait for it, or both
     generations would go on refreshing and answering metrics."""
-    monkeypatch.setattr(handoff, "HANDOFF_SECONDS", 0.3)  # the exchange's bound, not the confirmation's
+    monkeypatch.setattr(config, "HANDOFF_SECONDS", 0.3)  # the exchange's bound, not the confirmation's
     path = tmp_path / "handoff.sock"
     listening = socket.create_server(("127.0.0.1", 0))
     retired = asyncio.Event()
@@ -414,7 +414,7 @@ async def test_a_successor_that_syncs_before_confirming_still_retires_the_predec
     finally:
         predecessor.close()
         listening.close()
-    assert handoff.CONFIRM_SECONDS > config.DIRECTORY_SYNC_WAIT_SECONDS
+    assert config.CONFIRM_SECONDS > config.DIRECTORY_SYNC_WAIT_SECONDS
 
 
 def _descriptors_of(sock: socket.socket) -> int:

@@ -32,7 +32,7 @@ import aiohttp
 from kubernetes_asyncio import client
 
 from daemon import metrics
-from daemon.config import ApiTimeouts
+from daemon.config import TOKEN_REVIEWS_AT_ONCE, ApiTimeouts
 from daemon.directory.informer import ApiError, Informer, Key, Obj, key_of, raw_json, total_timeout
 from daemon.errors import DirectoryUnavailableError, IdentityNotAllowedError, TokenError
 from daemon.logs import describe
@@ -301,7 +301,7 @@ class TokenReviewVerifier:
 
     def __init__(self, *, api: client.ApiClient, issuer: str | None, audience: str, clock: Clock, max_cached: int,
                  timeouts: ApiTimeouts, discover_issuer: Callable[[], Awaitable[str]] | None = None,
-                 rejected_seconds: float = 30.0, max_reviews: int = 16) -> None:
+                 rejected_seconds: float = 30.0, max_reviews: int = TOKEN_REVIEWS_AT_ONCE) -> None:
         self._retry_max_seconds = timeouts.backoff_max_seconds
         self._max_reviews = max_reviews
         self._reviewing = 0
