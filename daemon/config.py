@@ -366,66 +366,60 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         )
 
 
+@dataclass
+class _Read:
+    values: dict[str, Any]  # by dest; None when absent or unparsable
+    sources: dict[str, str]  # where each value came from (flag or variable), to name it in a problem
+    given: set[str]  # set on the command line or in the environment, not defaulted
+    problems: list[str]
+
+
+def _read(options: Sequence[Option], args: argparse.Namespace, environ: Mapping[str, str]) -> _Read:
+    """Flags, then `IRSA_CACHE_*` variables, then defaults; parsed, one problem per bad value."""
+    read = _Read(values={}, sources={}, given=set(), problems=[])
+    for option in options:
+        raw: str | Sequence[str] | None = getattr(args, option.dest, None)
+        source = option.flag
+        if raw is None and option.env in environ:
+            raw, source = environ[option.env], option.env
+            if option.repeatable:
+                raw = [part for part in raw.split(",") if part.strip()]
+        if raw is not None:
+            read.given.add(option.dest)
+        read.sources[option.dest] = source
+        if raw is None:
+            raw = option.default
+            if option.repeatable and raw is not None:
+                raw = [raw]
+        read.values[option.dest] = None
+        if raw is None:
+            continue
+        try:
+            if option.repeatable:
+                read.values[option.dest] = tuple(option.parse(item) for item in raw)
+            else:
+                read.values[option.dest] = option.parse(raw)  # type: ignore[arg-type]
+        except ValueError as exc:
+            read.problems.append(f"{source}: {exc}")
+    return read
+
+
 def read_options(
     options: Sequence[Option], args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """Flags, then `IRSA_CACHE_*` variables, then defaults; parsed. Raises ConfigError
     with one line per bad value, each naming where the value came from."""
-    environ = os.environ if environ is None else environ
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    for option in options:
-        raw, source = getattr(args, option.dest, None), option.flag
-        if raw is None and option.env in environ:
-            raw, source = environ[option.env], option.env
-        if raw is None:
-            raw = option.default
-        if raw is None:
-            values[option.dest] = None
-            continue
-        try:
-            values[option.dest] = option.parse(raw)
-        except ValueError as exc:
-            problems.append(f"{source}: {exc}")
-    if problems:
-        raise ConfigError(problems)
-    return values
+    read = _read(options, args, os.environ if environ is None else environ)
+    if read.problems:
+        raise ConfigError(read.problems)
+    return read.values
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """Build validated Settings from parsed flags, then the environment, then defaults."""
     environ = os.environ if environ is None else environ
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}  # where each value came from, to name it in a problem
-    given: set[str] = set()  # options set on the command line or in the environment, not defaulted
-    for option in SERVE_OPTIONS:
-        raw: str | Sequence[str] | None = getattr(args, option.dest, None)
-        source = option.flag
-        if raw is not None:
-            given.add(option.dest)
-        if raw is None and option.env in environ:
-            given.add(option.dest)
-            raw = environ[option.env]
-            source = option.env
-            if option.repeatable:
-                raw = [part for part in raw.split(",") if part.strip()]
-        sources[option.dest] = source
-        if raw is None:
-            raw = option.default
-            if option.repeatable and raw is not None:
-                raw = [raw]
-        if raw is None:
-            values[option.dest] = None
-            continue
-        try:
-            if option.repeatable:
-                values[option.dest] = tuple(option.parse(item) for item in raw)
-            else:
-                values[option.dest] = option.parse(raw)  # type: ignore[arg-type]
-        except ValueError as exc:
-            problems.append(f"{source}: {exc}")
-            values[option.dest] = None
+    read = _read(SERVE_OPTIONS, args, environ)
+    values, sources, given, problems = read.values, read.sources, read.given, read.problems
     for dest in given & set(_MODE_ONLY):
         mode = _MODE_ONLY[dest]
         if values["directory"] is not None and values["directory"] != mode:
