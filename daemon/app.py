@@ -140,6 +140,7 @@ async def kubernetes_identities(
         pod_wait_seconds=wanted.pod_wait_seconds, timeouts=wanted.timeouts,
         absent_pod_seconds=wanted.absent_pod_seconds,
     )
+    metrics.API_SERVER_AVAILABLE.set_function(lambda: 1.0 if directory.api_server_available else 0.0)
     keys = kubernetes.ApiServerKeySource(api, wanted.timeouts)
     verifier: server.Verifier
     if wanted.token_review:
@@ -421,9 +422,6 @@ async def running(
             return reasons
 
         metrics.DIRECTORY_READY.set_function(lambda: 0.0 if not_ready() else 1.0)
-        if isinstance(getattr(directory, "api_server_available", None), bool):
-            metrics.API_SERVER_AVAILABLE.set_function(
-                lambda: 1.0 if directory.api_server_available else 0.0)  # type: ignore[attr-defined]
         # Metrics and probes first: /healthz answers and /readyz says why while the directory syncs.
         metrics_runner = web.AppRunner(server.create_metrics_app(not_ready=not_ready), access_log=None,
                                        shutdown_timeout=CLEANUP_SECONDS)
