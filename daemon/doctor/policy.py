@@ -296,9 +296,11 @@ def _number(text: str) -> float | None:
         return None
 
 
-def _numeric(compare: Callable[[float, float], bool]) -> Callable[[str, str], bool | None]:
+def _compared(read: Callable[[str], float | None],
+              compare: Callable[[float, float], bool]) -> Callable[[str, str], bool | None]:
+    """An operator on values read as numbers (or dates): undetermined when one does not read."""
     def match(value: str, wanted: str) -> bool | None:
-        a, b = _number(value), _number(wanted)
+        a, b = read(value), read(wanted)
         return None if a is None or b is None else compare(a, b)
 
     return match
@@ -315,14 +317,6 @@ def _date(text: str) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
-
-
-def _dated(compare: Callable[[float, float], bool]) -> Callable[[str, str], bool | None]:
-    def match(value: str, wanted: str) -> bool | None:
-        a, b = _date(value), _date(wanted)
-        return None if a is None or b is None else compare(a, b)
-
-    return match
 
 
 def _ip(value: str, network: str) -> bool | None:
@@ -347,18 +341,18 @@ OPERATORS: dict[str, _Operator] = {
     "ArnLike": _Operator(_arn_like, variables=True),
     "ArnNotEquals": _Operator(_arn_like, negated=True, variables=True),
     "ArnNotLike": _Operator(_arn_like, negated=True, variables=True),
-    "NumericEquals": _Operator(_numeric(_eq)),
-    "NumericNotEquals": _Operator(_numeric(_eq), negated=True),
-    "NumericLessThan": _Operator(_numeric(lambda a, b: a < b)),
-    "NumericLessThanEquals": _Operator(_numeric(lambda a, b: a <= b)),
-    "NumericGreaterThan": _Operator(_numeric(lambda a, b: a > b)),
-    "NumericGreaterThanEquals": _Operator(_numeric(lambda a, b: a >= b)),
-    "DateEquals": _Operator(_dated(_eq)),
-    "DateNotEquals": _Operator(_dated(_eq), negated=True),
-    "DateLessThan": _Operator(_dated(lambda a, b: a < b)),
-    "DateLessThanEquals": _Operator(_dated(lambda a, b: a <= b)),
-    "DateGreaterThan": _Operator(_dated(lambda a, b: a > b)),
-    "DateGreaterThanEquals": _Operator(_dated(lambda a, b: a >= b)),
+    "NumericEquals": _Operator(_compared(_number, _eq)),
+    "NumericNotEquals": _Operator(_compared(_number, _eq), negated=True),
+    "NumericLessThan": _Operator(_compared(_number, lambda a, b: a < b)),
+    "NumericLessThanEquals": _Operator(_compared(_number, lambda a, b: a <= b)),
+    "NumericGreaterThan": _Operator(_compared(_number, lambda a, b: a > b)),
+    "NumericGreaterThanEquals": _Operator(_compared(_number, lambda a, b: a >= b)),
+    "DateEquals": _Operator(_compared(_date, _eq)),
+    "DateNotEquals": _Operator(_compared(_date, _eq), negated=True),
+    "DateLessThan": _Operator(_compared(_date, lambda a, b: a < b)),
+    "DateLessThanEquals": _Operator(_compared(_date, lambda a, b: a <= b)),
+    "DateGreaterThan": _Operator(_compared(_date, lambda a, b: a > b)),
+    "DateGreaterThanEquals": _Operator(_compared(_date, lambda a, b: a >= b)),
     "Bool": _Operator(lambda v, p: v.lower() == p.lower()),
     "BinaryEquals": _Operator(lambda v, p: v == p),
     "IpAddress": _Operator(_ip),

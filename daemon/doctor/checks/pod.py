@@ -31,6 +31,8 @@ JAVA_IPV6_HOST = "fd00:ec2::23"
 DEFAULT_TOKEN_SECONDS = 3600
 DAEMON_URL = f"http://169.254.170.23{CREDENTIALS_PATH}"
 
+NO_POD = "not checked: no pod given (--pod FILE, or --live --pod-name NS/NAME)"
+
 Obj = dict[str, Any]
 
 
@@ -64,7 +66,7 @@ def _pod_name(pod: Obj) -> str:
 def check_service_account(facts: Facts) -> Finding:
     pod = facts.inputs.pod
     if pod is None:
-        return skipped("not checked: no pod given (--pod FILE, or --live --pod-name NS/NAME)")
+        return skipped(NO_POD)
     namespace, name = pod_account(pod)
     subject = facts.subject
     if subject is None or subject.source == "the pod's serviceAccountName":
@@ -81,7 +83,7 @@ def check_service_account(facts: Facts) -> Finding:
 def check_web_identity_env(facts: Facts) -> Finding:
     pod = facts.inputs.pod
     if pod is None:
-        return skipped("not checked: no pod given (--pod FILE, or --live --pod-name NS/NAME)")
+        return skipped(NO_POD)
     offenders = []
     for container in containers(pod):
         found = [name for name in WEB_IDENTITY if name in environment(container)]
@@ -130,7 +132,7 @@ def _uri_problem(uri: str, env: Mapping[str, str | None]) -> tuple[str, str] | N
 def check_credentials_uri(facts: Facts) -> Finding:
     pod = facts.inputs.pod
     if pod is None:
-        return skipped("not checked: no pod given (--pod FILE, or --live --pod-name NS/NAME)")
+        return skipped(NO_POD)
     users = _users(pod)
     fix = f"set {FULL_URI}={DAEMON_URL} in the container's env"
     if not users:
@@ -220,7 +222,7 @@ def _projection_fix(facts: Facts) -> str:
 def check_token_file(facts: Facts) -> Finding:
     pod = facts.inputs.pod
     if pod is None:
-        return skipped("not checked: no pod given (--pod FILE, or --live --pod-name NS/NAME)")
+        return skipped(NO_POD)
     files = _token_files(pod)
     if not files:
         return skipped(f"not checked: no container sets {FULL_URI} (see pod.credentials-uri)")
@@ -243,7 +245,7 @@ def _sources(pod: Obj) -> list[tuple[str, Mapping[str, Any]]]:
 def check_token_audience(facts: Facts) -> Finding:
     pod = facts.inputs.pod
     if pod is None:
-        return skipped("not checked: no pod given (--pod FILE, or --live --pod-name NS/NAME)")
+        return skipped(NO_POD)
     sources = _sources(pod)
     if not sources:
         return skipped("not checked: no projected token found (see pod.token-file)")
@@ -260,7 +262,7 @@ def check_token_audience(facts: Facts) -> Finding:
 def check_token_expiration(facts: Facts) -> Finding:
     pod = facts.inputs.pod
     if pod is None:
-        return skipped("not checked: no pod given (--pod FILE, or --live --pod-name NS/NAME)")
+        return skipped(NO_POD)
     sources = _sources(pod)
     if not sources:
         return skipped("not checked: no projected token found (see pod.token-file)")
