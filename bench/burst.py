@@ -248,9 +248,10 @@ def physical_floor(results: list[dict[str, Any]], *, rate: float, bucket: float,
 
 
 def _proc_cpu_seconds(pid: int) -> float:
+    from daemon.embedded import cpu_seconds
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(pid)
     except (OSError, IndexError, ValueError):
         return math.nan
 

@@ -55,26 +55,15 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from daemon.demo import metric_total, scrape  # noqa: E402
-from daemon.embedded import DEMO_ACCOUNT, IRSA_AUDIENCE, Background, Issuer, MotoSts, free_port  # noqa: E402
+from daemon.embedded import (  # noqa: E402
+    DEMO_ACCOUNT, IRSA_AUDIENCE, Background, Issuer, MotoSts, cpu_seconds, free_port, machine_busy_seconds,
+)
 
 RESULTS_PATH = HERE / "results" / "cold_path.json"
 REGION = "us-east-1"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 TARGET_CPU_US = 300.0  # daemon CPU per first request, at most
 SETTLE_SECONDS = 0.5  # after the last answer: the last log lines and exchanges finish
 CLIENT_TIMEOUT_SECONDS = 60.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time used by all processes so far (user, nice, system, steal)."""
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + steal) / CLOCK_TICKS
 
 
 def py_spy() -> str:

@@ -38,18 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon import config  # noqa: E402
-from daemon.embedded import Background, Issuer, MotoSts, free_port  # noqa: E402
+from daemon.embedded import Background, Issuer, MotoSts, free_port, vm_rss_kib  # noqa: E402
 
 SUBJECT = "system:serviceaccount:bench:app"
 ROLE = "arn:aws:iam::123456789012:role/bench"
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 Attack = Callable[[str, int, int, list[asyncio.StreamWriter]], Awaitable[None]]
@@ -142,18 +134,18 @@ async def run(connections: int, hold: float) -> dict[str, object]:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
                 await client_seconds(session, url, token)  # the identity's credentials are cached now
                 await asyncio.sleep(0.5)
-                idle_rss, idle_client = rss_mb(pid), await client_seconds(session, url, token)
+                idle_rss, idle_client = vm_rss_kib(pid) / 1024, await client_seconds(session, url, token)
                 results["idle"] = {"rss_mb": idle_rss, "client_ms": idle_client * 1000}
                 for name, attack in ATTACKS.items():
                     writers: list[asyncio.StreamWriter] = []
                     await attack(host, int(port), connections, writers)
                     await asyncio.sleep(hold)
-                    peak = rss_mb(pid)
+                    peak = vm_rss_kib(pid) / 1024
                     during = await client_seconds(session, url, token)
                     for writer in writers:
                         writer.close()
                     await asyncio.sleep(config.CREDENTIALS_LIMITS.head_seconds + 1)  # every attacker gone
-                    after = rss_mb(pid)
+                    after = vm_rss_kib(pid) / 1024
                     per_connection_kb = max(0.0, peak - idle_rss) * 1024 / connections
                     rows.append((name, peak, per_connection_kb, during * 1000, after))
                     results[name] = {"rss_mb": peak, "per_connection_kb": per_connection_kb,

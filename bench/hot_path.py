@@ -60,7 +60,9 @@ from aiohttp import web
 from daemon import __version__
 from daemon.__main__ import new_event_loop
 from daemon.demo import metric_total, scrape
-from daemon.embedded import DEMO_ACCOUNT, Background, Issuer, MotoSts, free_port
+from daemon.embedded import (
+    DEMO_ACCOUNT, Background, Issuer, MotoSts, cpu_seconds, free_port, machine_busy_seconds, vm_rss_kib,
+)
 from daemon.server import CREDENTIALS_PATH
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "hot_path.json"
@@ -74,7 +76,6 @@ FILL_ATTEMPTS = 5
 # The budget is not on the hot path: hits never touch it.
 STS_BUDGET_FLAGS = ["--sts-rate", "1000", "--sts-burst", "1000"]
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 TARGET_THROUGHPUT_RATIO = 0.8  # daemon req/s over bare req/s, at least
 TARGET_P99_MS = 5.0  # daemon p99 at 32 connections, below
@@ -98,32 +99,6 @@ def serve_bare(port: int, body_path: Path) -> None:
 
 
 # --- processes and what the kernel says about them ---
-
-
-def vm_rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-    return int(match.group(1))
-
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    # The command name, field 2, may hold spaces: split after its closing parenthesis.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all processes have used so far, plus time stolen by the hypervisor.
-
-    Interrupt time is left out: it is mostly the loopback traffic of the run itself.
-    """
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + steal) / CLOCK_TICKS
 
 
 def children_cpu_seconds() -> float:

@@ -82,12 +82,6 @@ def fill(url: str, host: str, tokens_path: Path, lo: int, hi: int) -> None:
                    timeout=600)
 
 
-def vm_rss_kib(pid: int) -> int:
-    match = re.search(r"^VmRSS:\s+(\d+) kB$", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
-    assert match is not None
-    return int(match.group(1))
-
-
 def package_of(filename: str) -> str:
     for pattern in (r"site-packages/([^/]+)", r"/(daemon)/", r"python3\.\d+/([^/]+)"):
         match = re.search(pattern, filename)
@@ -195,7 +189,7 @@ def rss_fill(argv: list[str], workdir: Path, name: str, tokens_path: Path, ident
              env: dict[str, str] | None = None, populate: Any = None) -> dict[str, float]:
     """RSS idle, then (`populate()`, for the Kubernetes mode: the cluster's objects, then a
     pause for the informers) and the slope per identity fetched after the first 10%."""
-    from daemon.embedded import Background, free_port
+    from daemon.embedded import Background, free_port, vm_rss_kib
 
     listen, metrics_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     with Background([sys.executable, "-m", "daemon", "serve", "--listen", listen, "--metrics-listen", metrics_listen,

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,28 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
+from daemon.embedded import cpu_seconds, free_port, vm_rss_kib  # noqa: E402
 from tests.certificates import authority, install, issue  # noqa: E402
 from tests.k8s_double import K8sApiDouble  # noqa: E402
 from tests.test_webhook import admission_review  # noqa: E402
 from tests.webhook_cases import account, admitted, container, template  # noqa: E402
-
-
-def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def run(admissions: int, concurrency: int) -> dict[str, float]:
@@ -85,7 +66,7 @@ async def run(admissions: int, concurrency: int) -> dict[str, float]:
                 else:
                     raise RuntimeError("the webhook did not become ready")
                 await asyncio.sleep(1)
-                idle = resident_mb(process.pid)
+                idle = vm_rss_kib(process.pid) / 1024
                 pod = admitted(template(container("app"), container("sidecar")))
                 latencies: list[float] = []
                 gate = asyncio.Semaphore(concurrency)
@@ -112,7 +93,7 @@ async def run(admissions: int, concurrency: int) -> dict[str, float]:
                     "p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
                     "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1),
                     "cpu_ms_per_admission": round(cpu * 1000 / admissions, 2),
-                    "rss_idle_mb": round(idle, 1), "rss_after_mb": round(resident_mb(process.pid), 1),
+                    "rss_idle_mb": round(idle, 1), "rss_after_mb": round(vm_rss_kib(process.pid) / 1024, 1),
                     "service_account_reads": k8s.count("get"),
                 }
         finally:

@@ -10,6 +10,8 @@ out of the daemon's measurements). Imported only by `demo`, tests and benchmarks
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -93,6 +95,28 @@ def write_token(path: Path, token: str) -> Path:
     # No trailing newline: botocore and the JS SDK reject a token that ends with one.
     path.write_text(token)
     return path
+
+
+def vm_rss_kib(pid: int) -> int:
+    """A process's resident memory (VmRSS), in KiB."""
+    match = re.search(r"^VmRSS:\s+(\d+) kB$", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+    return int(match.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    # The command name, field 2, may hold spaces: split after its closing parenthesis.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes have used so far, plus time stolen by the hypervisor.
+    Interrupt time is left out: it is mostly the loopback traffic of the run itself."""
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -20,7 +20,7 @@ import pytest
 from daemon import config
 from daemon.app import RunningDaemon
 from daemon.config import Settings
-from daemon.embedded import Background, Issuer, free_port
+from daemon.embedded import Background, Issuer, free_port, vm_rss_kib
 from tests.conftest import SUBJECT_A, SUBJECT_B, StartDaemon, fetch, metric
 from tests.sts_double import StsDouble
 
@@ -360,11 +360,6 @@ async def test_the_metrics_listener_is_bounded_too(
 BOUND_KB_PER_CONNECTION = 48
 
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-
-
 async def test_hundreds_of_slow_connections_stay_under_the_memory_bound_and_a_client_gets_through(
     issuer: Issuer, sts: StsDouble, tmp_path: Path, open_connections: list[asyncio.StreamWriter]
 ) -> None:
@@ -382,7 +377,7 @@ async def test_hundreds_of_slow_connections_stay_under_the_memory_bound_and_a_cl
             async with http.get(f"http://{listen}/v1/credentials", headers={"Authorization": token}) as response:
                 assert response.status == 200  # cached from now on
             await asyncio.sleep(0.5)
-            idle = rss_kb(daemon.process.pid)
+            idle = vm_rss_kib(daemon.process.pid)
             fat = b"GET /v1/credentials HTTP/1.1\r\n" + (b"X-A: " + b"a" * 8000 + b"\r\n") * 3 + b"X-B: " + b"b" * 7000
             for n in range(300):  # half never finish a fat head, half trickle a byte at a time
                 _, writer = await asyncio.open_connection(host, int(port))
@@ -397,7 +392,7 @@ async def test_hundreds_of_slow_connections_stay_under_the_memory_bound_and_a_cl
             async with http.get(f"http://{listen}/v1/credentials", headers={"Authorization": token}) as response:
                 assert response.status == 200
             assert time.monotonic() - started < 1.0
-            grown = rss_kb(daemon.process.pid) - idle
+            grown = vm_rss_kib(daemon.process.pid) - idle
 
         assert grown < 300 * BOUND_KB_PER_CONNECTION, f"{grown} KB for 300 connections"
     finally:
