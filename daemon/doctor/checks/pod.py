@@ -242,13 +242,20 @@ def _sources(pod: Obj) -> list[tuple[str, Mapping[str, Any]]]:
     return [(name, mount.source) for name, _, mount, _ in _token_files(pod) if mount and mount.source is not None]
 
 
-def check_token_audience(facts: Facts) -> Finding:
-    pod = facts.inputs.pod
-    if pod is None:
-        return skipped(NO_POD)
-    sources = _sources(pod)
+def _projected_sources(facts: Facts) -> tuple[list[tuple[str, Mapping[str, Any]]], Finding | None]:
+    """The pod's projected token sources by container, or why the check is skipped."""
+    if facts.inputs.pod is None:
+        return [], skipped(NO_POD)
+    sources = _sources(facts.inputs.pod)
     if not sources:
-        return skipped("not checked: no projected token found (see pod.token-file)")
+        return [], skipped("not checked: no projected token found (see pod.token-file)")
+    return sources, None
+
+
+def check_token_audience(facts: Facts) -> Finding:
+    sources, skip = _projected_sources(facts)
+    if skip is not None:
+        return skip
     for name, source in sources:
         audience = source.get("audience")
         if audience != facts.audience:
@@ -260,19 +267,16 @@ def check_token_audience(facts: Facts) -> Finding:
 
 
 def check_token_expiration(facts: Facts) -> Finding:
-    pod = facts.inputs.pod
-    if pod is None:
-        return skipped(NO_POD)
-    sources = _sources(pod)
-    if not sources:
-        return skipped("not checked: no projected token found (see pod.token-file)")
+    sources, skip = _projected_sources(facts)
+    if skip is not None:
+        return skip
     for name, source in sources:
         seconds = source.get("expirationSeconds", DEFAULT_TOKEN_SECONDS)
         if not isinstance(seconds, int) or seconds < MIN_TOKEN_SECONDS:
             return failed(f"container {name}: the projected token lives {seconds} s, under 10 minutes: the API "
                           "server refuses it, and a token so short may expire between the kubelet's refreshes",
                           f"set serviceAccountToken.expirationSeconds to at least {MIN_TOKEN_SECONDS} "
-                          f"(IRSA uses {86400})")
+                          "(IRSA uses 86400)")
     first = sources[0][1].get("expirationSeconds", DEFAULT_TOKEN_SECONDS)
     return passed(f"the projected token lives {first} s; the kubelet refreshes it at 80 % of that")
 
