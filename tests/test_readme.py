@@ -79,8 +79,9 @@ def test_every_alert_is_in_the_monitoring_table() -> None:
 
 
 def test_every_file_the_readme_names_is_there() -> None:
-    # `deploy/NAME` after a kubectl verb is a Deployment, not a file.
+    # `deploy/NAME` after a kubectl verb is a Deployment, not a file; bench/results/ is
+    # what the benchmarks write, not part of a checkout.
     named = {match.group(1).rstrip(".") for match in re.finditer(
         r"(?<![\w/.-])(?<!exec )(?<!status )((?:deploy|bench|tests|daemon|docs|probes|\.ci)/[\w./-]*\w)", README)}
     assert len(named) > 30
-    assert sorted(path for path in named if not (ROOT / path).exists()) == []
+    assert sorted(path for path in named if not (ROOT / path).exists() and not path.startswith("bench/results/")) == []
