@@ -180,8 +180,26 @@ class CredentialCache:
     def __contains__(self, key: CacheKey) -> bool:
         return key in self._entries
 
+    def hit(self, key: CacheKey, token: VerifiedToken) -> Credentials | None:
+        """Fresh credentials for `key` if they are cached (recording the use, as `get`
+        does), without a coroutine: the hot path. None: call `get`."""
+        entry = self._entries.get(key)
+        if entry is None or entry.token is None:
+            return None  # nothing, or a refresh waiting for a token: `get` schedules it
+        cached = entry.credentials
+        now = self._clock()
+        if cached is None or not self._fresh(entry, cached, now):
+            return None
+        self._entries.move_to_end(key)
+        entry.offer(token)
+        entry.last_used = now
+        return cached
+
     async def get(self, key: CacheKey, token: VerifiedToken) -> tuple[Credentials, Outcome]:
         """Credentials for `key`, exchanging `token` with STS only when nothing usable is cached."""
+        cached = self.hit(key, token)
+        if cached is not None:
+            return cached, Outcome.HIT
         now = self._clock()
         entry = self._entries.get(key)
         if entry is None:

@@ -255,14 +255,13 @@ class TokenVerifier:
     def verified_before(self, token: str) -> VerifiedToken | None:
         """What `token` proved when it was verified, if it still holds (its expiry, with the
         leeway, is not past): `verify`'s answer without a coroutine, for the hot path. None
-        means nothing is known: call `verify`."""
+        means nothing is known: call `verify`. Not counted: the caller counts the answer it uses."""
         return self._known(hashlib.sha256(token.encode()).digest(), token)
 
     def _known(self, digest: bytes, token: str) -> VerifiedToken | None:
         proof = self._verified.get(digest)
         if proof is None or self._clock() > proof.expires_at + self._leeway:
             return None
-        self._cached_count.inc()
         return VerifiedToken(identity=proof.identity, raw=token, expires_at=proof.expires_at,
                              fingerprint=proof.fingerprint)
 
@@ -273,6 +272,7 @@ class TokenVerifier:
         digest = hashlib.sha256(token.encode()).digest()
         known = self._known(digest, token)
         if known is not None:
+            self._cached_count.inc()
             return known
         if not self.ready:
             raise DirectoryUnavailableError(

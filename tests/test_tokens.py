@@ -833,7 +833,8 @@ async def test_verified_before_answers_only_what_verify_proved_and_only_until_ex
 
     assert verifier.verified_before(token) == first
     assert verifier.verified_before(flip_char(token, len(token) - 10)) is None  # another token, however close
-    assert metric("irsa_cache_token_verifications_total", result="cached") == cached + 1
+    # Not counted here: the server counts the answers it uses (tests/test_shortcut.py).
+    assert metric("irsa_cache_token_verifications_total", result="cached") == cached
 
     clock.advance(600 + LEEWAY + 1)
     assert verifier.verified_before(token) is None

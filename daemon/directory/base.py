@@ -42,6 +42,12 @@ class Directory(Protocol):
         """The role ARN for this identity; raises IdentityNotAllowedError naming why not."""
         ...
 
+    def role_now(self, identity: Identity) -> str | None:
+        """The role `role_for` would return, when that needs no wait (everything it checks
+        is at hand), without a coroutine: the hot path. None: call `role_for`, which also
+        names the refusal."""
+        ...
+
     def in_use(self, key: CacheKey) -> bool:
         """Whether the identity still has a caller here, so its credentials are worth refreshing."""
         ...

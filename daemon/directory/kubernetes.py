@@ -116,7 +116,25 @@ class KubernetesDirectory:
             group.create_task(self.accounts.run(), name="serviceaccount informer")
             group.create_task(self.pods.run(), name="pod informer")
 
+    def role_now(self, identity: Identity) -> str | None:
+        try:
+            role_arn, pod_key = self._account_role(identity)
+            pod = self.pods.store.get(pod_key)
+            if pod is None:
+                return None  # not here yet, or absent: `role_for` waits, reads, or refuses
+            self._check_known_pod(pod, identity, pod_key)
+        except IdentityNotAllowedError:
+            return None
+        return role_arn
+
     async def role_for(self, identity: Identity) -> str:
+        role_arn, pod_key = self._account_role(identity)
+        await self._check_pod(identity, pod_key)
+        return role_arn
+
+    def _account_role(self, identity: Identity) -> tuple[str, Key]:
+        """The role annotated on the identity's ServiceAccount, and the pod the token is
+        bound to (it must be bound to one)."""
         account_key = _account_of(identity.subject)
         if account_key is None:
             raise IdentityNotAllowedError(
@@ -138,20 +156,18 @@ class KubernetesDirectory:
                 f"service account {namespace}/{name}: annotation {self._annotation} is {role_arn!r}, "
                 "not an IAM role ARN", code="bad_role_annotation",
             )
-        await self._check_pod(identity, namespace)
-        return role_arn
+        if identity.pod_name is None or identity.pod_uid is None:
+            raise IdentityNotAllowedError(
+                "the token is not bound to a pod; only pod-bound projected tokens are served", code="token_not_pod_bound"
+            )
+        return role_arn, (namespace, identity.pod_name)
 
     def in_use(self, key: CacheKey) -> bool:
         """An identity is refreshed only while a live pod of it runs on this node."""
         account_key = _account_of(key.subject)
         return account_key is not None and self._live_pods_per_account[account_key] > 0
 
-    async def _check_pod(self, identity: Identity, namespace: str) -> None:
-        if identity.pod_name is None or identity.pod_uid is None:
-            raise IdentityNotAllowedError(
-                "the token is not bound to a pod; only pod-bound projected tokens are served", code="token_not_pod_bound"
-            )
-        key = (namespace, identity.pod_name)
+    async def _check_pod(self, identity: Identity, key: Key) -> None:
         pod = self.pods.store.get(key)
         if pod is None:
             self._raise_if_remembered_absent(key)
@@ -159,10 +175,14 @@ class KubernetesDirectory:
         if pod is None:
             self._raise_if_remembered_absent(key)  # another request's read found it absent meanwhile
             pod = await self._shared_read(key)
-        where = f"pod {namespace}/{identity.pod_name}"
         if pod is None:
             raise self._remember_absent(key, IdentityNotAllowedError(
-                f"{where} is not running on node {self._node}", code="pod_not_on_node"))
+                f"pod {key[0]}/{key[1]} is not running on node {self._node}", code="pod_not_on_node"))
+        self._check_known_pod(pod, identity, key)
+
+    def _check_known_pod(self, pod: Obj, identity: Identity, key: Key) -> None:
+        """The pod the token names runs here, is the very pod it was issued to, and is live."""
+        where = f"pod {key[0]}/{key[1]}"
         node = _text(pod, "spec", "nodeName")
         if node != self._node:
             raise self._remember_absent(key, IdentityNotAllowedError(
@@ -341,14 +361,14 @@ class TokenReviewVerifier:
             await retry_until_done(discover, on_failure=failed, max_delay_seconds=self._retry_max_seconds)
 
     def verified_before(self, token: str) -> VerifiedToken | None:
-        """What a review of `token` said, while the token is valid; None: call `verify`."""
+        """What a review of `token` said, while the token is valid; None: call `verify`.
+        Not counted: the caller counts the answer it uses."""
         return self._known(hashlib.sha256(token.encode()).digest(), token)
 
     def _known(self, digest: bytes, token: str) -> VerifiedToken | None:
         cached = self._reviewed.get(digest)
         if cached is None or self._clock() >= cached[1]:
             return None
-        metrics.token_verification("cached").inc()
         return VerifiedToken(identity=cached[0], raw=token, expires_at=cached[1], fingerprint=cached[2])
 
     async def verify(self, token: str) -> VerifiedToken:
@@ -358,6 +378,7 @@ class TokenReviewVerifier:
         digest = hashlib.sha256(token.encode()).digest()
         known = self._known(digest, token)
         if known is not None:
+            metrics.token_verification("cached").inc()
             return known
         if self.issuer is None:
             raise DirectoryUnavailableError(f"cannot verify tokens yet: {self.not_ready_reason}; retry shortly",

@@ -73,13 +73,19 @@ class StaticDirectory:
     async def run(self) -> None:
         await asyncio.Event().wait()  # a file does not change under us; nothing to watch
 
-    async def role_for(self, identity: Identity) -> str:
+    def role_now(self, identity: Identity) -> str | None:
         role = self._exact.get(identity.subject)
         if role is not None:
             return role
         for rule in self._patterns:
             if rule.matches(identity.subject):
                 return rule.role_arn
+        return None
+
+    async def role_for(self, identity: Identity) -> str:
+        role = self.role_now(identity)
+        if role is not None:
+            return role
         raise IdentityNotAllowedError(
             f"no role is mapped to subject {identity.subject!r} in {self._source}", code="no_role"
         )
