@@ -437,16 +437,16 @@ async def running(
         await _wait_ready(directory, verifier)
 
         hosts: frozenset[str] = frozenset()  # filled once the listeners report their ports
+        credentials_app = server.create_app(verifier=verifier, directory=directory, cache=cache, hosts=lambda: hosts)
         credentials_runner = web.AppRunner(
-            server.create_app(verifier=verifier, directory=directory, cache=cache, hosts=lambda: hosts),
-            access_log=None, handler_cancellation=True, shutdown_timeout=CLEANUP_SECONDS,
+            credentials_app, access_log=None, handler_cancellation=True, shutdown_timeout=CLEANUP_SECONDS,
         )
         await credentials_runner.setup()
         stack.push_async_callback(credentials_runner.cleanup)
         credentials = await listeners.serve(
             name="credentials", runner=credentials_runner, sockets=credential_sockets,
             limits=_with_max(settings.server.credentials_limits, max_connections),
-            render=server.raw_error_response,
+            render=server.raw_error_response, shortcut=credentials_app[server.SHORTCUT],
         )
         bound = [listener.address for listener in credentials]
         hosts = server.allowed_hosts(bound)

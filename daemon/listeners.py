@@ -18,6 +18,13 @@ client sends:
 So memory and file descriptors stay bounded: `max_connections` x (`max_head_bytes`
 + a connection's own state). Refusals are counted, and logged at a bounded rate.
 
+A listener may be given the app's shortcut (`shortcut.py`): a whole request head is
+offered to it first, while aiohttp is idle on the connection (no request of its own
+under way or queued, nothing of its answer unsent), and what it answers is written
+at once; a head it declines goes to aiohttp. A connection that has sent a request
+with a body, or asked for an upgrade, never takes the shortcut again: the head
+reader splits on blank lines and knows nothing of bodies.
+
 Built on aiohttp's request handler (a subclass: the hook that renders the parser's
 own errors, `handle_error`, is not public; the aiohttp version is pinned and a test
 covers it). Sockets are created here, not by aiohttp, so that bind errors become one
@@ -42,11 +49,13 @@ from aiohttp.web_protocol import RequestHandler
 from daemon import metrics
 from daemon.config import Address, ConnectionLimits
 from daemon.logs import RateLimited
+from daemon.shortcut import Shortcut
 
 log = logging.getLogger(__name__)
 refusals = RateLimited(log)
 
 _HEAD_END = b"\r\n\r\n"
+_BODY_OR_UPGRADE = (b"content-length:", b"transfer-encoding:", b"upgrade:")
 BACKLOG = 1024
 
 
@@ -151,13 +160,14 @@ Render = Callable[[int, str, str], bytes]
 class BoundedHandler(RequestHandler):
     """aiohttp's request handler with the bounds of the module docstring."""
 
-    __slots__ = ("_table", "_render", "_admitted", "_pending", "_head_timer", "_outstanding", "_held")
+    __slots__ = ("_table", "_render", "_shortcut", "_admitted", "_pending", "_head_timer", "_outstanding", "_held")
 
-    def __init__(self, manager: web.Server, *, table: ConnectionTable, render: Render,
+    def __init__(self, manager: web.Server, *, table: ConnectionTable, render: Render, shortcut: Shortcut | None,
                  loop: asyncio.AbstractEventLoop, **options: Any) -> None:
         super().__init__(manager, loop=loop, **options)
         self._table = table
         self._render = render
+        self._shortcut = shortcut  # None once a head went to aiohttp with a body or an upgrade
         self._admitted = False
         self._pending = bytearray()  # a request head not yet whole, or one pipelined behind another
         self._head_timer: asyncio.TimerHandle | None = None  # runs while a head is awaited
@@ -222,34 +232,48 @@ class BoundedHandler(RequestHandler):
             self._next_head()
 
     def _next_head(self) -> None:
+        """Hand over the whole heads waiting in the buffer, one at a time, until one is
+        being answered (the rest are held) or only part of a head is left."""
         limit = self._table.limits.max_head_bytes
         pending = self._pending
-        end = pending.find(_HEAD_END)
-        length = end + len(_HEAD_END) if end >= 0 else len(pending)
-        if length > limit or len(pending) > 2 * limit:
-            self._too_large()
-            return
-        if self._outstanding:
-            # Pipelined behind a request still being answered: hold it, and read no more.
-            if not self._held and self.transport is not None:
-                self._held = True
-                self.transport.pause_reading()
-            return
-        if end < 0:
-            if self._head_timer is None:
-                self._arm_head_timer()  # the first bytes of a new head
-            return  # the rest of this head is still to come
-        head = bytes(pending[:length])
-        del pending[:length]
-        self._hand_over(head)
-        if pending and self.transport is not None and not self.transport.is_closing():
-            self._next_head()  # held (the answer comes first) unless aiohttp already closed
+        while pending and self.transport is not None and not self.transport.is_closing():
+            end = pending.find(_HEAD_END)
+            length = end + len(_HEAD_END) if end >= 0 else len(pending)
+            if length > limit or len(pending) > 2 * limit:
+                self._too_large()
+                return
+            if self._outstanding:
+                # Pipelined behind a request still being answered: hold it, and read no more.
+                if not self._held:
+                    self._held = True
+                    self.transport.pause_reading()
+                return
+            if end < 0:
+                if self._head_timer is None:
+                    self._arm_head_timer()  # the first bytes of a new head
+                return  # the rest of this head is still to come
+            head = bytes(pending[:length])
+            del pending[:length]
+            self._hand_over(head)
 
     def _hand_over(self, head: bytes) -> None:
-        """Give aiohttp one head. Busy only if it made a request of it: blank lines before a
-        request line, or the end of a chunked body, make none and no handler will answer,
-        so the connection stays one that is waiting for a head: evictable, and on the clock
-        it was already on (more blank lines do not buy time)."""
+        """Answer one head by the shortcut, or give it to aiohttp. Busy only if aiohttp made a
+        request of it: blank lines before a request line, or the end of a chunked body, make
+        none and no handler will answer, so the connection stays one that is waiting for a
+        head: evictable, and on the clock it was already on (more blank lines do not buy time)."""
+        if self._shortcut is not None:
+            if self._aiohttp_idle():
+                try:
+                    answer = self._shortcut(head)
+                except Exception:  # a bug: the full way answers (and words it) instead
+                    refusals.log(logging.ERROR, "%s listener: the shortcut failed; answering the full way",
+                                 self._table.name, exc_info=True)
+                    answer = None
+                if answer is not None:
+                    self._answered_at_once(answer)
+                    return
+            if any(field in head.lower() for field in _BODY_OR_UPGRADE):
+                self._shortcut = None
         requests_before = self._request_count
         super().data_received(head)
         if self._request_count != requests_before:
@@ -257,6 +281,26 @@ class BoundedHandler(RequestHandler):
             self._outstanding = 1
         elif self._head_timer is None and self.transport is not None and not self.transport.is_closing():
             self._arm_head_timer()
+
+    def _aiohttp_idle(self) -> bool:
+        """aiohttp waits for a request on this connection: none of its own is under way or
+        queued, nothing of an answer is left to send, and it means to keep the connection."""
+        waiter = self._waiter
+        return (waiter is not None and not waiter.done() and not self._messages and self._keepalive
+                and not self._close and not self._force_close and self._keepalive_timeout > 0
+                and self.transport is not None and not self.transport.get_write_buffer_size())
+
+    def _answered_at_once(self, answer: bytes) -> None:
+        """The shortcut's answer: written now, and the connection idle again, on aiohttp's
+        keep-alive clock as after an answer of its own."""
+        assert self.transport is not None
+        self._disarm_head_timer()
+        self._request_count += 1
+        self.transport.write(answer)
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     def _too_large(self) -> None:
         limit = self._table.limits.max_head_bytes
@@ -343,8 +387,9 @@ class Listener:
 
 
 async def serve(*, name: str, runner: web.AppRunner, sockets: list[socket.socket], limits: ConnectionLimits,
-                render: Render) -> list[Listener]:
-    """Accept connections on `sockets` for the app behind `runner` (already set up)."""
+                render: Render, shortcut: Shortcut | None = None) -> list[Listener]:
+    """Accept connections on `sockets` for the app behind `runner` (already set up);
+    heads are offered to `shortcut` first, if given."""
     loop = asyncio.get_running_loop()
     assert runner.server is not None, "runner.setup() first"
     manager = runner.server
@@ -352,7 +397,8 @@ async def serve(*, name: str, runner: web.AppRunner, sockets: list[socket.socket
     options = _handler_options(limits)
 
     def connection() -> BoundedHandler:
-        return BoundedHandler(manager, table=table, render=render, loop=loop, access_log=None, **options)
+        return BoundedHandler(manager, table=table, render=render, shortcut=shortcut, loop=loop, access_log=None,
+                              **options)
 
     listeners = []
     for sock in sockets:

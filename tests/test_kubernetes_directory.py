@@ -114,6 +114,8 @@ async def test_a_token_whose_pod_is_not_live_here_is_refused(
     daemon = await start_k8s_daemon()
     stolen = cluster.token(victim)
     assert (await fetch(http, daemon, stolen)).status == 200
+    again = await fetch(http, daemon, stolen)  # by the shortcut (no Server header): it checks the pod too
+    assert again.status == 200 and "Server" not in again.headers
 
     if change == "delete":
         k8s.delete(victim)

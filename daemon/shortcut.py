@@ -1,0 +1,75 @@
+"""The wire side of the cached answer: a plain credentials request, read straight from
+its bytes, answered with whole response bytes.
+
+Most requests a node sees are the same one: `GET /v1/credentials` with a token verified
+before, for credentials already cached. aiohttp's machinery for a request (a task step,
+the request and response objects, the router) costs more than everything the daemon
+does to answer it, so a connection hands such a head to the credentials app's shortcut
+first (see `server.create_app`), which answers it in the same call or declines.
+
+Only the plainest heads are read here: the request line exactly as below, header lines
+of token names and visible-ASCII values, Host and Authorization once each, nothing
+that announces a body or changes the connection (Content-Length, Transfer-Encoding,
+Connection other than keep-alive, Expect, Upgrade, TE). Anything else, and every
+refusal, takes the full way through aiohttp and `server.credentials`, which is the
+one place that words errors; the shortcut only ever answers 200.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+
+Shortcut = Callable[[bytes], bytes | None]
+"""A whole request head -> the whole response, or None: take the full way."""
+
+_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?[ \t]*")
+_FULL_WAY = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"te"})
+
+
+def request_line(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\n".encode()
+
+
+def plain_get(head: bytes, line: bytes) -> tuple[str, str] | None:
+    """(Host, Authorization) of a plain request whose request line is `line`, or None."""
+    if not head.startswith(line):
+        return None
+    host = authorization = None
+    for field in head[len(line):-4].split(b"\r\n"):
+        match = _HEADER.fullmatch(field)
+        if match is None:
+            return None
+        name = match[1].lower()
+        if name == b"authorization":
+            if authorization is not None:
+                return None
+            authorization = match[2] or b""
+        elif name == b"host":
+            if host is not None:
+                return None
+            host = match[2] or b""
+        elif name in _FULL_WAY and not (name == b"connection" and (match[2] or b"").lower() == b"keep-alive"):
+            return None
+    if host is None or authorization is None:
+        return None
+    return host.decode("ascii"), authorization.decode("ascii")
+
+
+class OkHead:
+    """`200 OK` response heads for JSON bodies, the Date header redone once a second."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second = -1
+        self._date = b""
+
+    def __call__(self, body_length: int) -> bytes:
+        second = int(self._clock())
+        if second != self._second:
+            self._second = second
+            self._date = formatdate(second, usegmt=True).encode()
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n\r\n" % (
+            body_length, self._date)
