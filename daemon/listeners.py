@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import socket
 from collections import OrderedDict
 from collections.abc import Callable
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 refusals = RateLimited(log)
 
 _HEAD_END = b"\r\n\r\n"
-_BODY_OR_UPGRADE = (b"content-length:", b"transfer-encoding:", b"upgrade:")
+_BODY_OR_UPGRADE = re.compile(rb"\n(?:content-length|transfer-encoding|upgrade)[ \t]*:", re.IGNORECASE)
 BACKLOG = 1024
 
 
@@ -272,7 +273,7 @@ class BoundedHandler(RequestHandler):
                 if answer is not None:
                     self._answered_at_once(answer)
                     return
-            if any(field in head.lower() for field in _BODY_OR_UPGRADE):
+            if _BODY_OR_UPGRADE.search(head):
                 self._shortcut = None
         requests_before = self._request_count
         super().data_received(head)
