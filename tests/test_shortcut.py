@@ -52,6 +52,17 @@ async def answers(reader: asyncio.StreamReader, count: int) -> list[tuple[bytes,
     return got
 
 
+async def cached_and_connected(
+    http: aiohttp.ClientSession, daemon: RunningDaemon, issuer: Issuer
+) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A token whose credentials are cached, and a new connection to send it on."""
+    token = issuer.mint(SUBJECT_A)
+    await verified_and_cached(http, daemon, token)
+    address = daemon.listen[0]
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    return token, reader, writer
+
+
 async def verified_and_cached(http: aiohttp.ClientSession, daemon: RunningDaemon, token: str) -> dict[str, str]:
     """One request the full way: the token is verified and the credentials cached."""
     first = await fetch(http, daemon, token)
@@ -219,13 +230,10 @@ async def test_a_body_is_never_read_as_a_request(
 ) -> None:
     # A request whose body is itself a plain credentials request: the head reader splits
     # on blank lines, but the body belongs to the first request, and gets no answer.
-    token = issuer.mint(SUBJECT_A)
-    await verified_and_cached(http, daemon, token)
+    token, reader, writer = await cached_and_connected(http, daemon, issuer)
     inner = plain(daemon, token)
     outer = (f"POST /v1/credentials HTTP/1.1\r\nHost: {daemon.listen[0]}\r\nContent-Length: {len(inner)}\r\n\r\n"
              .encode() + inner)
-    address = daemon.listen[0]
-    reader, writer = await asyncio.open_connection(address.host, address.port)
     writer.write(outer)
 
     (head, body), = await answers(reader, 1)
@@ -242,11 +250,8 @@ async def test_a_body_is_never_read_as_a_request(
 async def test_pipelined_behind_a_full_way_request_the_answers_keep_their_order(
     daemon: RunningDaemon, issuer: Issuer, http: aiohttp.ClientSession,
 ) -> None:
-    token = issuer.mint(SUBJECT_A)
-    await verified_and_cached(http, daemon, token)
+    token, reader, writer = await cached_and_connected(http, daemon, issuer)
     nope = f"GET /nope HTTP/1.1\r\nHost: {daemon.listen[0]}\r\n\r\n".encode()
-    address = daemon.listen[0]
-    reader, writer = await asyncio.open_connection(address.host, address.port)
 
     writer.write(nope + plain(daemon, token) + nope + plain(daemon, token) + plain(daemon, token))
 
@@ -278,10 +283,7 @@ async def test_an_idle_connection_after_a_shortcut_answer_is_closed(
     start_daemon: StartDaemon, issuer: Issuer, http: aiohttp.ClientSession,
 ) -> None:
     daemon = await start_daemon(adjust=limits(idle_seconds=0.5))
-    token = issuer.mint(SUBJECT_A)
-    await verified_and_cached(http, daemon, token)
-    address = daemon.listen[0]
-    reader, writer = await asyncio.open_connection(address.host, address.port)
+    token, reader, writer = await cached_and_connected(http, daemon, issuer)
     writer.write(plain(daemon, token))
     (head, _), = await answers(reader, 1)
     assert by_shortcut(head)
@@ -299,10 +301,7 @@ async def test_a_flood_of_cached_requests_never_read_stays_bounded(
     # The shortcut answers at once; once the client stops reading, answers back up, the
     # shortcut stands aside, and the connection is held (reading paused) or, with more than
     # two heads waiting, cut, like any other.
-    token = issuer.mint(SUBJECT_A)
-    await verified_and_cached(http, daemon, token)
-    address = daemon.listen[0]
-    reader, writer = await asyncio.open_connection(address.host, address.port)
+    token, reader, writer = await cached_and_connected(http, daemon, issuer)
     one = plain(daemon, token)
     for _ in range(20):  # about 20 MB offered, never read
         try:
@@ -327,10 +326,7 @@ async def test_a_connection_in_use_is_kept_past_the_idle_bound(
 ) -> None:
     # Each shortcut answer starts the idle clock again, as an answer of aiohttp's does.
     daemon = await start_daemon(adjust=limits(idle_seconds=0.5))
-    token = issuer.mint(SUBJECT_A)
-    await verified_and_cached(http, daemon, token)
-    address = daemon.listen[0]
-    reader, writer = await asyncio.open_connection(address.host, address.port)
+    token, reader, writer = await cached_and_connected(http, daemon, issuer)
 
     for _ in range(6):  # 1.8 s in all, never 0.5 s idle
         writer.write(plain(daemon, token))
