@@ -219,9 +219,18 @@ class BoundedHandler(RequestHandler):
         self._pending.extend(data)
         self._next_head()
 
+    async def finish_response(self, request: Any, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's last step of every request it made, whoever answered it (a handler, the
+        router's own 404, an error): once the answer is written, the next head may go."""
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self.answered()
+
     def answered(self) -> None:
-        """The request handed over last has its answer (the app's handlers call this):
-        the next pipelined head, if one waits, goes to aiohttp."""
+        """The request handed over last has its answer: the next pipelined head, if one
+        waits, goes to aiohttp (or the shortcut)."""
         if self._outstanding:
             self._outstanding -= 1
         if self._outstanding or self.transport is None or self.transport.is_closing():

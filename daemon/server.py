@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from aiohttp import hdrs, web
@@ -28,7 +28,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from daemon import audit, doctor, metrics, shortcut
 from daemon.logs import RateLimited
 from daemon.cache import CredentialCache
-from daemon.config import MAX_TOKEN_CHARS, VERIFIED_TOKENS_MAX, Address
+from daemon.config import MAX_TOKEN_CHARS, VERIFIED_TOKENS_MAX, Address, ConnectionLimits
 from daemon.directory.base import Directory
 from daemon.errors import (
     DaemonError,
@@ -118,7 +118,6 @@ def _outcome_of(error: DaemonError) -> str:
     return "denied" if isinstance(error, (TokenError, IdentityNotAllowedError)) or error.status == 403 else "error"
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SHORTCUT: web.AppKey[shortcut.Shortcut] = web.AppKey("shortcut")
 
 
@@ -128,11 +127,13 @@ def create_app(
     directory: Directory,
     cache: CredentialCache,
     hosts: Callable[[], frozenset[str]],
+    limits: ConnectionLimits,
 ) -> web.Application:
-    """The credentials app. `hosts` is read per request: ports bound as 0 are known only after start.
+    """The credentials app. `hosts` is read per request: ports bound as 0 are known only after
+    start. `limits` are the listener's: the shortcut declines what aiohttp's parser would refuse.
 
     Two handlers and no middleware: `credentials` does the whole request (the Host
-    check, the answer or the error, counting it, telling the connection it answered), and
+    check, the answer or the error, counting it), and
     `elsewhere` answers every other path and method with the same JSON errors. A
     middleware chain would cost every cached answer a few coroutine frames more.
     `app[SHORTCUT]` answers the cached case straight from a request head."""
@@ -143,12 +144,13 @@ def create_app(
     role_now, hit = directory.role_now, cache.hit
     ok_head = shortcut.OkHead()
     line = shortcut.request_line(CREDENTIALS_PATH)
+    max_headers, max_field_bytes = limits.max_headers, limits.max_field_bytes
 
     def cached_answer(head: bytes) -> bytes | None:
         """`credentials` for a plain request that needs no wait, as response bytes; None
         for anything else. Declining has no effect: the full way does it all again."""
         started = time.perf_counter()
-        fields = shortcut.plain_get(head, line)
+        fields = shortcut.plain_get(head, line, max_headers=max_headers, max_field_bytes=max_field_bytes)
         if fields is None:
             return None
         host, token = fields
@@ -168,15 +170,17 @@ def create_app(
         issued = hit(CacheKey.of(role_arn, identity), verified)
         if issued is None:
             return None
+        body = issued.container_json()
+        answer = ok_head(len(body)) + body
+        # Answered: counted and audited last, so that nothing is counted twice should a
+        # step above fail and the full way answer instead.
         count_cached_verification()
         trail.answered(verified, role_arn, issued, "hit")
-        body = issued.container_json()
         count(200, "hit", time.perf_counter() - started)
-        return ok_head(len(body)) + body
+        return answer
 
     async def credentials(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        connection = request.protocol
         identity: Identity | None = None
         role_arn: str | None = None
         try:
@@ -221,15 +225,12 @@ def create_app(
             log.exception("unhandled error answering %s %s", request.method, request.path)
             kind = "error"
             response = error_response(500, "internal_error", "internal error; see the daemon's log")
-        finally:
-            connection.answered()  # type: ignore[attr-defined]  # a BoundedHandler: the next pipelined head
         count(response.status, kind, time.perf_counter() - started)
         return response
 
     async def elsewhere(request: web.Request) -> web.StreamResponse:
         """Any other path (404) or method (405): the JSON error every SDK parses."""
         started = time.perf_counter()
-        connection = request.protocol
         try:
             check_host(request, hosts())
             if request.path == CREDENTIALS_PATH:
@@ -241,8 +242,6 @@ def create_app(
         except DaemonError as exc:
             response = error_response(exc.status, exc.code, exc.message)
             log_failure(request, exc)
-        finally:
-            connection.answered()  # type: ignore[attr-defined]  # a BoundedHandler: the next pipelined head
         count(response.status, "error", time.perf_counter() - started)
         return response
 
@@ -289,14 +288,6 @@ def create_metrics_app(*, not_ready: Callable[[], list[str]]) -> web.Application
     """/metrics, /healthz (the process answers) and /readyz (200, or 503 naming every
     reason it is not ready: keys not loaded, an informer cut off, draining)."""
 
-    @web.middleware
-    async def busy(request: web.Request, handler: Handler) -> web.StreamResponse:
-        connection = request.protocol
-        try:
-            return await handler(request)
-        finally:
-            connection.answered()  # type: ignore[attr-defined]  # a BoundedHandler: the next pipelined head
-
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -306,7 +297,7 @@ def create_metrics_app(*, not_ready: Callable[[], list[str]]) -> web.Application
             return web.Response(status=503, text="not ready: " + "; ".join(reasons) + "\n")
         return web.Response(text="ready\n")
 
-    app = web.Application(middlewares=[busy])
+    app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler())
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

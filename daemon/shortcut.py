@@ -8,9 +8,11 @@ does to answer it, so a connection hands such a head to the credentials app's sh
 first (see `server.create_app`), which answers it in the same call or declines.
 
 Only the plainest heads are read here: the request line exactly as below, header lines
-of token names and visible-ASCII values, Host and Authorization once each, nothing
-that announces a body or changes the connection (Content-Length, Transfer-Encoding,
-Connection other than keep-alive, Expect, Upgrade, TE). Anything else, and every
+of token names and visible-ASCII values, no name twice, no more lines and none longer
+than aiohttp's parser allows, nothing that announces a body or changes the connection
+(Content-Length, Transfer-Encoding, Connection other than keep-alive, Expect, Upgrade,
+TE, the WebSocket draft's key): a head aiohttp would refuse is never answered here.
+Anything else, and every
 refusal, takes the full way through aiohttp and `server.credentials`, which is the
 one place that words errors; the shortcut only ever answers 200.
 """
@@ -26,33 +28,34 @@ Shortcut = Callable[[bytes], bytes | None]
 """A whole request head -> the whole response, or None: take the full way."""
 
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?[ \t]*")
-_FULL_WAY = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"te"})
+_FULL_WAY = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"te",
+                       b"sec-websocket-key1"})
 
 
 def request_line(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\n".encode()
 
 
-def plain_get(head: bytes, line: bytes) -> tuple[str, str] | None:
-    """(Host, Authorization) of a plain request whose request line is `line`, or None."""
-    if not head.startswith(line):
+def plain_get(head: bytes, line: bytes, *, max_headers: int, max_field_bytes: int) -> tuple[str, str] | None:
+    """(Host, Authorization) of a plain request whose request line is `line`, or None.
+    `head` is whole: it ends with the blank line."""
+    if not head.startswith(line) or not head.endswith(b"\r\n\r\n"):
         return None
-    host = authorization = None
-    for field in head[len(line):-4].split(b"\r\n"):
+    fields = head[len(line):-4].split(b"\r\n")
+    if len(fields) > max_headers:
+        return None
+    seen: dict[bytes, bytes] = {}
+    for field in fields:
         match = _HEADER.fullmatch(field)
-        if match is None:
+        if match is None or len(field) > max_field_bytes:
             return None
         name = match[1].lower()
-        if name == b"authorization":
-            if authorization is not None:
-                return None
-            authorization = match[2] or b""
-        elif name == b"host":
-            if host is not None:
-                return None
-            host = match[2] or b""
-        elif name in _FULL_WAY and not (name == b"connection" and (match[2] or b"").lower() == b"keep-alive"):
+        if name in seen:
+            return None  # aiohttp refuses some repeated headers; none of ours repeats
+        value = seen[name] = match[2] or b""
+        if name in _FULL_WAY and not (name == b"connection" and value.lower() == b"keep-alive"):
             return None
+    host, authorization = seen.get(b"host"), seen.get(b"authorization")
     if host is None or authorization is None:
         return None
     return host.decode("ascii"), authorization.decode("ascii")

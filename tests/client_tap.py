@@ -35,6 +35,7 @@ class Request:
     """One request a client made, in loop time."""
 
     started: float  # its head had arrived
+    head: bytes = b""  # as relayed to the daemon (Host rewritten), blank line included
     status: int | None = None  # None: no answer before the connection closed (the client gave up)
     answered: float | None = None  # the whole answer had passed through
 
@@ -117,10 +118,11 @@ class ClientTap:
                 pending += data
                 while _HEAD_END in pending:
                     head, _, pending = pending.partition(_HEAD_END)
-                    request = Request(started=loop.time())
+                    relayed = _HOST_LINE.sub(lambda _: self._host_line, head, count=1) + _HEAD_END
+                    request = Request(started=loop.time(), head=relayed)
                     self.requests.append(request)
                     waiting.append(request)
-                    writer.write(_HOST_LINE.sub(lambda _: self._host_line, head, count=1) + _HEAD_END)
+                    writer.write(relayed)
                 await writer.drain()
 
     async def _answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -227,6 +227,25 @@ async def test_pipelined_requests_on_one_connection_are_all_answered(
     assert answer.count(b"HTTP/1.1 200 OK") == 4
 
 
+async def test_a_request_the_router_answers_itself_frees_the_connection(daemon: RunningDaemon) -> None:
+    # `OPTIONS *` reaches no handler of ours (aiohttp's router answers it): the connection
+    # must still count as answered, or the request behind it waits and the connection,
+    # "busy" for good, could never be evicted.
+    address = daemon.listen[0]
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(f"OPTIONS * HTTP/1.1\r\nHost: {address}\r\n\r\nGET /nope HTTP/1.1\r\nHost: {address}\r\n\r\n"
+                 .encode())
+
+    statuses = []
+    async with asyncio.timeout(2):  # well within the 5 s idle bound that would end it anyway
+        for _ in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1)))  # type: ignore[union-attr]
+            statuses.append(head.split()[1])
+    writer.close()
+    assert statuses == [b"404", b"404"]
+
+
 async def test_a_flood_of_pipelined_requests_is_answered_one_at_a_time_then_cut(
     daemon: RunningDaemon, issuer: Issuer, http: aiohttp.ClientSession
 ) -> None:
