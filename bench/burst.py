@@ -214,10 +214,10 @@ class Pod:
 
 
 def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+    from daemon.stats import nearest_rank  # the parent's summary; workers import botocore only
+
+    value = nearest_rank(values, fraction)
+    return math.nan if value is None else value
 
 
 def physical_floor(results: list[dict[str, Any]], *, rate: float, bucket: float, latency: float) -> list[float]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.stats import nearest_rank
+
 REGION = "us-east-1"
 
 
@@ -86,11 +88,6 @@ def run_pod(environ: Mapping[str, str], *, sts_url: str, subject: str, expected_
         return PodResult(subject, expected_role, elapsed, arn)
     except Exception as exc:  # a failed pod is a result to report, not a crash of the demo
         return PodResult(subject, expected_role, time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}")
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def _role_name(arn: str | None) -> str:
@@ -205,7 +202,7 @@ def _print_table(out: Any, args: argparse.Namespace, results: list[PodResult], *
         ("credential requests", f"{requests:.0f}"),
         ("cache hit ratio", f"{hits / requests:.1%}" if requests else "-"),
         ("time to credentials p50", f"{statistics.median(times):.1f} ms" if times else "-"),
-        ("time to credentials p99", f"{_percentile(times, 0.99):.1f} ms" if times else "-"),
+        ("time to credentials p99", f"{nearest_rank(times, 0.99):.1f} ms" if times else "-"),
         ("wall time", f"{wall:.1f} s"),
     ]
     width = max(len(name) for name, _ in rows)

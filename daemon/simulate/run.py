@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from daemon import metrics
+from daemon.stats import nearest_rank
 from daemon.simulate import adapter
 from daemon.simulate.account import AccountSts, CallCounts
 from daemon.simulate.direct import DirectFetcher
@@ -160,18 +160,11 @@ class _Run:
             mode=self.mode, sts_calls=counts.total_admitted, throttled=counts.total_throttled,
             failed_pods=recorder.failed, unserved_pods=len(unserved),
             peak_calls_per_second=counts.peak_per_second(),
-            ttc_p50_seconds=_percentile(ttc, 0.50), ttc_p99_seconds=_percentile(ttc, 0.99),
+            ttc_p50_seconds=nearest_rank(ttc, 0.50), ttc_p99_seconds=nearest_rank(ttc, 0.99),
             ttc_max_seconds=ttc[-1] if ttc else None, calls_per_node_identity_hour=steady,
             pods=recorder.pods, fetches=recorder.fetches, window_start=plan.measure_from, window_end=end,
             events=self.loop.events, wall_seconds=wall_seconds, counts=counts,
         )
-
-
-def _percentile(ordered: list[float], fraction: float) -> float | None:
-    """Nearest rank: the smallest value with at least `fraction` of the values at or below it."""
-    if not ordered:
-        return None
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def _finish(loop: VirtualTimeLoop) -> None:
