@@ -152,27 +152,15 @@ async def test_every_real_client_is_served_as_soon_as_its_patience_allows(
 
 
 @pytest.mark.slow
-async def test_with_the_defaults_the_clients_that_wait_are_served_when_sts_answers_in_8_s(
+async def test_with_the_defaults_every_client_fares_as_its_patience_allows_when_sts_answers_in_8_s(
     present: list[sdk_clients.SdkClient], start_daemon: StartDaemon, issuer: Issuer, sts: StsDouble,
     tmp_path: Path,
 ) -> None:
-    row = await run_row(DEFAULT_HOLD, present, start_daemon, issuer, sts, 8.0, tmp_path,
-                        bound_seconds=8.0 + 3, only=("js-v3", "go-v2-debian"))
+    # The default --sts-timeout (10 s) is above this latency: the clients that wait are
+    # held until STS answers and served in their first request.
+    row = await run_row(DEFAULT_HOLD, present, start_daemon, issuer, sts, 8.0, tmp_path, bound_seconds=8.0 + 5)
 
-    for trial in row.trials.values():
-        assert trial.statuses == [200], trial.describe()
-    await check_credentials(row, sts)
-
-
-@pytest.mark.slow
-async def test_with_an_sts_timeout_above_its_latency_the_clients_that_wait_get_through_8_s(
-    present: list[sdk_clients.SdkClient], start_daemon: StartDaemon, issuer: Issuer, sts: StsDouble,
-    tmp_path: Path,
-) -> None:
-    row = await run_row((*DEFAULT_HOLD, "--sts-timeout", "10"), present, start_daemon, issuer, sts, 8.0, tmp_path,
-                        bound_seconds=8.0 + 5)
-
-    problems = problems_with(row, sts_timeout=10.0)
+    problems = problems_with(row)
     assert not problems, "\n".join(problems)
     for name in ("js-v3", "go-v2-debian"):
         if name in row.trials:
