@@ -71,6 +71,21 @@ def test_every_metric_the_daemon_exports_is_documented() -> None:
     assert exported <= documented, sorted(exported - documented)
 
 
+def test_every_metric_the_readme_names_is_exported() -> None:
+    # In the tables and in the PromQL of the troubleshooting and sizing sections alike.
+    from prometheus_client import REGISTRY
+
+    from daemon import app  # noqa: F401  (every module that defines a metric)
+    from daemon.webhook import metrics as webhook_metrics  # a registry of its own
+
+    exported = {family.name for registry in (REGISTRY, webhook_metrics.REGISTRY) for family in registry.collect()
+                if family.name.startswith("irsa_cache_")}
+    named = {re.sub(r"_(total|bucket|sum|count|created)$", "", name)
+             for name in re.findall(r"\b(irsa_cache_[a-z_]+)", README)}
+    assert len(named) > 25
+    assert named <= exported, sorted(named - exported)
+
+
 def test_every_alert_is_in_the_monitoring_table() -> None:
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus-rules.yaml").read_text())
     alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
