@@ -25,6 +25,7 @@ class StsCall:
     role_arn: str | None
     session_name: str | None
     duration_seconds: str | None
+    web_identity_token: str | None = None
 
 
 def sts_error(code: str, message: str, *, status: int = 400, kind: str = "Sender") -> web.Response:
@@ -88,6 +89,7 @@ class StsDouble:
             role_arn=form.get("RoleArn"),
             session_name=form.get("RoleSessionName"),
             duration_seconds=form.get("DurationSeconds"),
+            web_identity_token=form.get("WebIdentityToken"),
         )
         self.calls.append(call)
         if self.delay_seconds:

@@ -21,12 +21,13 @@ from typing import Any
 
 import boto3
 import pytest
+from aiohttp import web
 
 from daemon.doctor import cli
 from daemon.embedded import Issuer, MotoSts
 from tests.doctor_scenario import Scenario, assert_expected, scenarios
 from tests.k8s_double import K8sApiDouble
-from tests.sts_double import StsDouble
+from tests.sts_double import StsDouble, sts_error
 
 LIVE = [s for s in scenarios() if "skip" not in (s.spec.get("live") or {})]
 GOOD = next(s for s in scenarios() if s.name == "good")
@@ -224,6 +225,27 @@ async def test_each_sts_error_points_at_its_link(code: str, message: str, http_s
     assert code in sts_check["message"] and message[:40] in sts_check["message"]
     assert word.lower() in f"{sts_check['message']} {sts_check['fix']}".lower(), sts_check
     assert [c["id"] for c in report["checks"] if c["status"] == "fail"] == ["sts.assume-role"]
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param(lambda call: sts_error("InvalidIdentityToken", f"could not read {call.web_identity_token}"),
+                 id="a-message-that-echoes-the-token"),
+    pytest.param(lambda call: web.Response(status=200, content_type="text/xml", text=(
+        "<AssumeRoleWithWebIdentityResponse><Credentials><SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+        "</SecretAccessKey><Expiration>not a date")), id="a-body-that-does-not-parse"),
+])
+async def test_nothing_sts_sends_puts_a_secret_in_the_report(answer: Any, aws_env: dict[str, str], iam: Any,
+                                                             cluster_for: Any, cluster_key: Issuer, sts: StsDouble,
+                                                             tmp_path: Path) -> None:
+    # The report is what gets pasted into a ticket.
+    sts.fault = answer
+    _, report = await run_live(await prepare(GOOD, iam=iam, cluster_for=cluster_for, key=cluster_key,
+                                             tmp_path=tmp_path))
+    text = json.dumps(report)
+    token = sts.assume_calls[-1].web_identity_token
+    assert token and token not in text and token.split(".")[1] not in text
+    assert "wJalrXUtnFEMI" not in text
+    assert by_id(report)["sts.assume-role"]["status"] in ("fail", "warn")
 
 
 async def test_access_denied_names_the_condition_that_rejects(aws_env: dict[str, str], iam: Any, cluster_for: Any,

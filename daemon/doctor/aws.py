@@ -19,6 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from daemon import config
+from daemon.sts import safe_text
 from daemon.doctor import issuers
 from daemon.doctor.checks.sts import StsAnswer
 from daemon.doctor.inputs import Role, providers_of
@@ -119,10 +120,17 @@ async def assume_role(*, role_arn: str, token: str, session_name: str, region: s
                     RoleArn=role_arn, RoleSessionName=session_name, WebIdentityToken=token,
                     DurationSeconds=DOCTOR_SESSION_SECONDS)
     except ClientError as exc:
+        # Repeated as the daemon repeats it: a proxy in the way may echo the request, token and all.
         error = exc.response.get("Error", {})
-        return StsAnswer(endpoint=endpoint, code=error.get("Code", "Unknown"), message=error.get("Message", ""))
+        return StsAnswer(endpoint=endpoint, code=safe_text(str(error.get("Code", "Unknown")))[:64],
+                         message=safe_text(str(error.get("Message", "")), token))
     except (BotoCoreError, NoRegionError, TimeoutError, OSError) as exc:
-        return StsAnswer(endpoint=endpoint, unreachable=f"{type(exc).__name__}: {exc}")
+        return StsAnswer(endpoint=endpoint, unreachable=safe_text(f"{type(exc).__name__}: {exc}", token))
+    except Exception:
+        # botocore's parser raises what it meets on a body it cannot read (its own
+        # ResponseParserError, KeyError, ValueError...), quoting the body, which may hold
+        # credentials: only what happened is said.
+        return StsAnswer(endpoint=endpoint, unreachable="an answer whose body does not parse as STS's")
     expiration = answer["Credentials"]["Expiration"]
     return StsAnswer(endpoint=endpoint, assumed_role_arn=answer["AssumedRoleUser"]["Arn"],
                      expiration=expiration.strftime("%Y-%m-%dT%H:%M:%SZ"))
