@@ -54,6 +54,16 @@ def _candidates(facts: Facts) -> tuple[StatementOutcome, ...]:
     return tuple(s for s in _trusting(facts) if s.action_matches)
 
 
+NO_CANDIDATE = skipped("not checked: no statement allows this provider the action (see trust-policy.principal)")
+
+
+def _gated_candidates(facts: Facts) -> tuple[StatementOutcome, ...] | Finding:
+    """The statements that trust the provider with the action, or why the check is skipped."""
+    if (gate := _gate(facts)) is not None:
+        return gate
+    return _candidates(facts) or NO_CANDIDATE
+
+
 def check_document(facts: Facts) -> Finding:
     if facts.inputs.trust_policy is None:
         return skipped("not checked: no trust policy given (--trust-policy FILE from aws iam get-role, or --live)")
@@ -116,11 +126,9 @@ def _other_issuer_keys(statement: StatementOutcome, prefix: str) -> list[tuple[s
 
 
 def check_condition_issuer(facts: Facts) -> Finding:
-    if (gate := _gate(facts)) is not None:
-        return gate
-    candidates = _candidates(facts)
-    if not candidates:
-        return skipped("not checked: no statement allows this provider the action (see trust-policy.principal)")
+    candidates = _gated_candidates(facts)
+    if isinstance(candidates, Finding):
+        return candidates
     prefix = facts.condition_prefix or ""
     for candidate in candidates:
         wrong = _other_issuer_keys(candidate, prefix)
@@ -141,11 +149,9 @@ def _literal_wildcards(statement: StatementOutcome) -> list[ConditionOutcome]:
 
 
 def check_literal_wildcard(facts: Facts) -> Finding:
-    if (gate := _gate(facts)) is not None:
-        return gate
-    candidates = _candidates(facts)
-    if not candidates:
-        return skipped("not checked: no statement allows this provider the action (see trust-policy.principal)")
+    candidates = _gated_candidates(facts)
+    if isinstance(candidates, Finding):
+        return candidates
     for candidate in candidates:
         for outcome in _literal_wildcards(candidate):
             condition = outcome.condition
@@ -216,7 +222,7 @@ def check_conditions(facts: Facts) -> Finding:
                       "to let STS decide")
     candidates = _candidates(facts)
     if not candidates:
-        return skipped("not checked: no statement allows this provider the action (see trust-policy.principal)")
+        return NO_CANDIDATE
     closest = min(candidates, key=lambda s: len(s.failing))
     reasons = "; ".join(_describe(c) for c in closest.failing)
     remedies = "; ".join(dict.fromkeys(_remedy(c, facts) for c in closest.failing))
@@ -230,11 +236,9 @@ def _names_audience(statement: StatementOutcome, prefix: str) -> bool:
 
 
 def check_audience_condition(facts: Facts) -> Finding:
-    if (gate := _gate(facts)) is not None:
-        return gate
-    candidates = _candidates(facts)
-    if not candidates:
-        return skipped("not checked: no statement allows this provider the action (see trust-policy.principal)")
+    candidates = _gated_candidates(facts)
+    if isinstance(candidates, Finding):
+        return candidates
     prefix = facts.condition_prefix or ""
     if any(_other_issuer_keys(candidate, prefix) for candidate in candidates):
         return skipped("not checked: condition keys name another issuer (see trust-policy.condition-issuer)")
@@ -247,12 +251,10 @@ def check_audience_condition(facts: Facts) -> Finding:
 
 
 def check_subject_scope(facts: Facts) -> Finding:
-    if (gate := _gate(facts)) is not None:
-        return gate
+    candidates = _gated_candidates(facts)
+    if isinstance(candidates, Finding):
+        return candidates
     assert facts.request is not None and facts.policy is not None
-    candidates = _candidates(facts)
-    if not candidates:
-        return skipped("not checked: no statement allows this provider the action (see trust-policy.principal)")
     prefix = facts.condition_prefix or ""
     subject = facts.subject.value if facts.subject else "system:serviceaccount:<namespace>:<name>"
     probe = policy.Request(
