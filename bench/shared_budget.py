@@ -50,14 +50,16 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from daemon.embedded import DEMO_ACCOUNT, Background, Issuer, MotoSts, free_port  # noqa: E402
+from daemon.simulate.cli import knobs_from_flags  # noqa: E402
 from daemon.simulate.inputs import DaemonKnobs, Inputs, plan  # noqa: E402
 from daemon.simulate.run import simulate  # noqa: E402
+from daemon.simulate.sdk import ContainerProvider  # noqa: E402
 from tests.k8s_double import K8sApiDouble, daemon_set, pod, service_account  # noqa: E402
 
 NAMESPACE = DAEMONSET = "irsa-cache"
 DAEMON_READY_TIMEOUT_SECONDS = 90.0
 STS_LATENCY_SECONDS = 0.05
-POD_TIMEOUT_SECONDS, POD_ATTEMPTS, POD_SLEEP_SECONDS = 2.0, 3, 1.0
+BOTOCORE = ContainerProvider()  # the pods' SDK, as the simulation plays it
 CASES = {
     "spread-8": dict(nodes=8, rate=20, identities=20, pods_per_identity=8 * 5, placement="spread"),
     "spread-16": dict(nodes=16, rate=50, identities=20, pods_per_identity=16 * 5, placement="spread"),
@@ -75,11 +77,8 @@ def budget_flags(budget: str, nodes: int, rate: float) -> list[str]:
 
 
 def budget_knobs(budget: str, nodes: int, rate: float) -> DaemonKnobs:
-    if budget == "static split":
-        return DaemonKnobs(sts_rate_per_second=rate / nodes, sts_burst=max(1, int(rate // nodes)))
-    if budget == "shared":
-        return DaemonKnobs(cluster_rate_per_second=rate, cluster_burst=int(rate))
-    return DaemonKnobs()
+    """The simulated daemons' settings: the real daemons' flags, read as `serve` reads them."""
+    return knobs_from_flags(budget_flags(budget, nodes, rate))
 
 
 @dataclass
@@ -105,16 +104,16 @@ async def pod_fetch(http: aiohttp.ClientSession, url: str, token: str, start_at:
     """botocore's container provider, against one daemon: seconds to credentials, or None."""
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     started = time.monotonic()
-    for _ in range(POD_ATTEMPTS):
+    for _ in range(BOTOCORE.attempts):
         try:
             async with http.get(url, headers={"Authorization": token},
-                                timeout=aiohttp.ClientTimeout(total=POD_TIMEOUT_SECONDS)) as answer:
+                                timeout=aiohttp.ClientTimeout(total=BOTOCORE.timeout_seconds)) as answer:
                 await answer.read()
                 if answer.status == 200:
                     return time.monotonic() - started
         except (aiohttp.ClientError, asyncio.TimeoutError):
             pass
-        await asyncio.sleep(POD_SLEEP_SECONDS)
+        await asyncio.sleep(BOTOCORE.sleep_seconds)
     return None
 
 

@@ -294,3 +294,14 @@ def test_the_simulated_daemons_defaults_are_the_daemons_own() -> None:
     for option in config.SERVE_OPTIONS:
         if option.flag in DAEMON_FLAGS and option.default is not None:
             assert getattr(defaults, DAEMON_FLAGS[option.flag]) == option.parse(option.default), option.flag
+
+
+def test_serve_flags_become_the_knobs_serve_would_run_with() -> None:
+    # bench/shared_budget.py runs real daemons with flags and simulated ones with these.
+    static = cli.knobs_from_flags(["--sts-rate", "2.5", "--sts-burst", "2"])
+    shared = cli.knobs_from_flags(["--sts-cluster-rate", "20", "--sts-cluster-burst", "20"])
+
+    assert (static.sts_rate_per_second, static.sts_burst, static.cluster_rate_per_second) == (2.5, 2, None)
+    assert (shared.cluster_rate_per_second, shared.cluster_burst) == (20.0, 20)
+    assert shared.sts_rate_per_second == DaemonKnobs().sts_rate_per_second  # serve's default
+    assert cli.knobs_from_flags([]) == DaemonKnobs()

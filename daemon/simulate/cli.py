@@ -38,6 +38,14 @@ DAEMON_FLAGS = {
 _OPTIONS = {option.flag: option for option in config.SERVE_OPTIONS if option.flag in DAEMON_FLAGS}
 
 
+def knobs_from_flags(argv: list[str]) -> DaemonKnobs:
+    """What a daemon started with these `irsa-cache serve` flags (flag, value, ...) runs
+    with; the rest at serve's defaults."""
+    flags, values = argv[::2], argv[1::2]
+    return DaemonKnobs(**{DAEMON_FLAGS[flag]: _OPTIONS[flag].parse(value)
+                          for flag, value in zip(flags, values, strict=True)})
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_argument_group("the cluster")
     shape.add_argument("--nodes", required=True, metavar="N", help="nodes in the cluster")
