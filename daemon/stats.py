@@ -1,4 +1,4 @@
-"""Percentiles, one definition for every figure the project prints (demo, simulate, benchmarks)."""
+"""Percentiles of a distribution (times to credentials): one definition for the demo, simulate and bench/burst.py."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from aiobotocore.session import AioSession, get_session
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+from botocore.parsers import ResponseParserError
 
 from daemon import config
 from daemon.sts import safe_text
@@ -116,9 +117,15 @@ async def assume_role(*, role_arn: str, token: str, session_name: str, region: s
                                                config=config) as sts:
             endpoint = sts.meta.endpoint_url
             async with asyncio.timeout(CALL_TIMEOUT_SECONDS):
-                answer = await sts.assume_role_with_web_identity(
-                    RoleArn=role_arn, RoleSessionName=session_name, WebIdentityToken=token,
-                    DurationSeconds=DOCTOR_SESSION_SECONDS)
+                try:
+                    answer = await sts.assume_role_with_web_identity(
+                        RoleArn=role_arn, RoleSessionName=session_name, WebIdentityToken=token,
+                        DurationSeconds=DOCTOR_SESSION_SECONDS)
+                    expiration, assumed = answer["Credentials"]["Expiration"], answer["AssumedRoleUser"]["Arn"]
+                except (ResponseParserError, KeyError, ValueError, TypeError) as exc:
+                    # botocore's parser raises what it meets on a body it cannot read, quoting
+                    # the body, which may hold credentials: only what happened is said.
+                    return StsAnswer(endpoint=endpoint, unusable=f"an answer doctor cannot read ({type(exc).__name__})")
     except ClientError as exc:
         # Repeated as the daemon repeats it: a proxy in the way may echo the request, token and all.
         error = exc.response.get("Error", {})
@@ -126,11 +133,5 @@ async def assume_role(*, role_arn: str, token: str, session_name: str, region: s
                          message=safe_text(str(error.get("Message", "")), token))
     except (BotoCoreError, NoRegionError, TimeoutError, OSError) as exc:
         return StsAnswer(endpoint=endpoint, unreachable=safe_text(f"{type(exc).__name__}: {exc}", token))
-    except Exception:
-        # botocore's parser raises what it meets on a body it cannot read (its own
-        # ResponseParserError, KeyError, ValueError...), quoting the body, which may hold
-        # credentials: only what happened is said.
-        return StsAnswer(endpoint=endpoint, unreachable="an answer whose body does not parse as STS's")
-    expiration = answer["Credentials"]["Expiration"]
-    return StsAnswer(endpoint=endpoint, assumed_role_arn=answer["AssumedRoleUser"]["Arn"],
+    return StsAnswer(endpoint=endpoint, assumed_role_arn=assumed,
                      expiration=expiration.strftime("%Y-%m-%dT%H:%M:%SZ"))

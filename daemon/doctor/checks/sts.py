@@ -34,6 +34,7 @@ class StsAnswer:
     code: str | None = None  # STS's error code
     message: str | None = None
     unreachable: str | None = None  # no answer at all: why
+    unusable: str | None = None  # an answer doctor cannot read: what kind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +120,9 @@ def check_assume_role(facts: Facts) -> Finding:
     if answer.unreachable is not None:
         return warned(f"no answer from STS at {answer.endpoint}: {answer.unreachable}",
                       "check the network path to STS, --region, or --sts-endpoint-url / AWS_ENDPOINT_URL_STS")
+    if answer.unusable is not None:
+        return warned(f"{answer.endpoint} answered, but {answer.unusable}: no verdict",
+                      "check what answers there (a proxy in the way?), or --sts-endpoint-url / AWS_ENDPOINT_URL_STS")
     if answer.code is None:
         return passed(f"STS issued credentials for {answer.assumed_role_arn} (until {answer.expiration}); doctor "
                       "discarded them")
