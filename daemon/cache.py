@@ -129,11 +129,6 @@ class _Entry:
     evicted: bool = field(default=False)
     check_at: float = math.inf  # when maintain() looks at this entry next: its live item in the heap
 
-    def offer(self, token: VerifiedToken) -> None:
-        """Keep the freshest token: it is the one that can refresh furthest ahead."""
-        if self.token is None or token.expires_at > self.token.expires_at:
-            self.token = token
-
     def usable_token(self, now: float) -> VerifiedToken | None:
         if self.token is not None and self.token.expires_at <= now:
             self.token = None  # an expired token is useless and is not kept
@@ -191,7 +186,7 @@ class CredentialCache:
         if cached is None or not self._fresh(entry, cached, now):
             return None
         self._entries.move_to_end(key)
-        entry.offer(token)
+        self._offer(entry, token)
         entry.last_used = now
         return cached
 
@@ -211,7 +206,7 @@ class CredentialCache:
             self._entries.move_to_end(key)
             if entry.token is None:
                 self._schedule(entry, now)  # a token again: a refresh that waited for one may start
-            entry.offer(token)
+            self._offer(entry, token)
         entry.last_used = now
 
         cached = entry.credentials
@@ -289,6 +284,15 @@ class CredentialCache:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _offer(self, entry: _Entry, token: VerifiedToken) -> None:
+        """Keep the freshest token of the identity's pods: it can refresh furthest ahead.
+        Never one STS refused for good (ExpiredTokenException): it refreshes nothing, and
+        kept, it would have the identity's other pods refused in its name."""
+        current = entry.token
+        if (current is None or token.expires_at > current.expires_at) \
+                and self._refusals.get((entry.key, token.fingerprint)) is None:
+            entry.token = token
 
     def _fresh(self, entry: _Entry, credentials: Credentials, now: float) -> bool:
         remaining = credentials.remaining(now)

@@ -695,6 +695,36 @@ async def test_a_token_refused_for_good_is_refused_every_time_not_served_stale(
     assert len(source.calls) == 2
 
 
+async def test_a_token_refused_for_good_never_refreshes_nor_refuses_the_identitys_other_pods(
+    clock: FakeClock, source: FakeSource
+) -> None:
+    """A token STS refused for good is not taken back as the identity's refresh token when
+    its pod asks again, even though it is the freshest: a sibling pod is then served (and
+    the refresh made) with its own token."""
+    cache = new_cache(source, clock, dataclasses.replace(POLICY, retry_base_seconds=1.0))
+    refused = tagged(make_token(clock, lifetime=2 * SESSION_SECONDS), "pod-a")
+    sibling = tagged(make_token(clock, lifetime=SESSION_SECONDS + 60), "pod-b")
+    await cache.get(key_for(refused), refused)
+    clock.advance(SESSION_SECONDS - 900)  # under the serve floor: the next request exchanges
+    source.error = StsDeniedError("ExpiredTokenException: Token expired", sts_code="ExpiredTokenException")
+    with pytest.raises(StsDeniedError):
+        await cache.get(key_for(refused), refused)
+    clock.advance(5)  # past the entry's backoff (at most 1 s), within the refusal's 30 s
+    with pytest.raises(StsDeniedError):  # its pod asks again: refused from memory...
+        await cache.get(key_for(refused), refused)
+    source.error = None
+    clock.advance(5)  # past the entry's backoff
+
+    credentials, outcome = await cache.get(key_for(sibling), sibling)  # ...and not kept for the identity
+
+    assert outcome is Outcome.MISS and credentials.remaining(clock()) > POLICY.serve_floor_seconds
+    assert [token.fingerprint for _, token in source.calls] == ["pod-a", "pod-a", "pod-b"]
+    clock.advance(SESSION_SECONDS)  # the next refresh, by maintenance
+    cache.maintain()
+    await settle()
+    assert "pod-a" not in [token.fingerprint for _, token in source.calls[3:]]
+
+
 def reachable(root: object, target: object, limit: int = 200_000) -> bool:
     """Whether `target` can be reached from `root` through references (the garbage collector's view)."""
     seen: set[int] = set()
@@ -723,7 +753,8 @@ async def test_a_remembered_refusal_keeps_no_callers_frames_or_token(clock: Fake
     assert key_for(token) not in cache  # a permanent refusal evicted the entry
     assert again.value is not first.value and again.value.message == first.value.message
     assert reachable(again.value, token)  # raised through the caller's frames, which hold the token...
-    assert not reachable(cache._refusals, token)  # ...and which the memory of the refusal does not keep
+    kept = [error for _, error in cache._refusals._items.values()]  # ...which the memory does not keep
+    assert kept and all(e.__traceback__ is None and e.__context__ is None and e.__cause__ is None for e in kept)
     assert len(source.calls) == 1
 
 

@@ -39,5 +39,7 @@ def test_each_caller_gets_a_copy_to_raise_and_the_memory_keeps_no_traceback() ->
     first, second = refusals.get("key"), refusals.get("key")
     assert first is not None and second is not None and first is not second and first is not original
     assert (first.message, first.sts_code, first.__traceback__) == ("AccessDenied: no", "AccessDenied", None)
+    (_, kept), = refusals._items.values()  # what is kept, not only what is handed out
+    assert kept is not original and kept.__traceback__ is None
     clock.advance(5)
     assert refusals.get("key") is None
