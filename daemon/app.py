@@ -437,9 +437,7 @@ async def running(
         await _wait_ready(directory, verifier)
 
         hosts: frozenset[str] = frozenset()  # filled once the listeners report their ports
-        credentials_limits = _with_max(settings.server.credentials_limits, max_connections)
-        credentials_app = server.create_app(verifier=verifier, directory=directory, cache=cache, hosts=lambda: hosts,
-                                            limits=credentials_limits)
+        credentials_app = server.create_app(verifier=verifier, directory=directory, cache=cache, hosts=lambda: hosts)
         credentials_runner = web.AppRunner(
             credentials_app, access_log=None, handler_cancellation=True, shutdown_timeout=CLEANUP_SECONDS,
         )
@@ -447,7 +445,8 @@ async def running(
         stack.push_async_callback(credentials_runner.cleanup)
         credentials = await listeners.serve(
             name="credentials", runner=credentials_runner, sockets=credential_sockets,
-            limits=credentials_limits, render=server.raw_error_response, shortcut=credentials_app[server.SHORTCUT],
+            limits=_with_max(settings.server.credentials_limits, max_connections),
+            render=server.raw_error_response, shortcut=credentials_app[server.SHORTCUT],
         )
         bound = [listener.address for listener in credentials]
         hosts = server.allowed_hosts(bound)

@@ -50,7 +50,7 @@ from aiohttp.web_protocol import RequestHandler
 from daemon import metrics
 from daemon.config import Address, ConnectionLimits
 from daemon.logs import RateLimited
-from daemon.shortcut import Shortcut
+from daemon.shortcut import Shortcut, ShortcutFor
 
 log = logging.getLogger(__name__)
 refusals = RateLimited(log)
@@ -161,7 +161,7 @@ Render = Callable[[int, str, str], bytes]
 class BoundedHandler(RequestHandler):
     """aiohttp's request handler with the bounds of the module docstring."""
 
-    __slots__ = ("_table", "_render", "_shortcut", "_admitted", "_pending", "_head_timer", "_outstanding", "_held")
+    __slots__ = ("_table", "_render", "_shortcut", "_admitted", "_pending", "_head_timer", "_answering", "_held")
 
     def __init__(self, manager: web.Server, *, table: ConnectionTable, render: Render, shortcut: Shortcut | None,
                  loop: asyncio.AbstractEventLoop, **options: Any) -> None:
@@ -172,13 +172,13 @@ class BoundedHandler(RequestHandler):
         self._admitted = False
         self._pending = bytearray()  # a request head not yet whole, or one pipelined behind another
         self._head_timer: asyncio.TimerHandle | None = None  # runs while a head is awaited
-        self._outstanding = 0  # heads handed to aiohttp and not answered yet: 0 or 1
+        self._answering = False  # aiohttp made a request of the last head and has not answered it yet
         self._held = False  # reading paused: a pipelined head waits for the answer before it
 
     @property
     def busy(self) -> bool:
         """Answering a request (not to be evicted to make room)."""
-        return self._outstanding > 0
+        return self._answering
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._table.admit(self):
@@ -208,7 +208,7 @@ class BoundedHandler(RequestHandler):
         sends at once."""
         if not self._admitted or self.transport is None:
             return
-        if not self._pending and not self._outstanding and data.endswith(_HEAD_END) \
+        if not self._pending and not self._answering and data.endswith(_HEAD_END) \
                 and data.find(_HEAD_END) == len(data) - len(_HEAD_END):
             # The usual case: one whole request head in one read (no timer to arm).
             if len(data) > self._table.limits.max_head_bytes:
@@ -226,14 +226,13 @@ class BoundedHandler(RequestHandler):
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
-            self.answered()
+            self._answered()
 
-    def answered(self) -> None:
+    def _answered(self) -> None:
         """The request handed over last has its answer: the next pipelined head, if one
         waits, goes to aiohttp (or the shortcut)."""
-        if self._outstanding:
-            self._outstanding -= 1
-        if self._outstanding or self.transport is None or self.transport.is_closing():
+        self._answering = False
+        if self.transport is None or self.transport.is_closing():
             return
         if self._held:
             self._held = False
@@ -252,7 +251,7 @@ class BoundedHandler(RequestHandler):
             if length > limit or len(pending) > 2 * limit:
                 self._too_large()
                 return
-            if self._outstanding:
+            if self._answering:
                 # Pipelined behind a request still being answered: hold it, and read no more.
                 if not self._held:
                     self._held = True
@@ -288,7 +287,7 @@ class BoundedHandler(RequestHandler):
         super().data_received(head)
         if self._request_count != requests_before:
             self._disarm_head_timer()
-            self._outstanding = 1
+            self._answering = True
         elif self._head_timer is None and self.transport is not None and not self.transport.is_closing():
             self._arm_head_timer()
 
@@ -329,7 +328,7 @@ class BoundedHandler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._outstanding or not self._pending and self._request_count:
+        if self._answering or not self._pending and self._request_count:
             return  # answering, or between requests: the keep-alive timeout is aiohttp's
         limit = self._table.limits.head_seconds
         self.close_refused("head_timeout", f"no whole request head within {limit:g} s", status=408,
@@ -397,17 +396,19 @@ class Listener:
 
 
 async def serve(*, name: str, runner: web.AppRunner, sockets: list[socket.socket], limits: ConnectionLimits,
-                render: Render, shortcut: Shortcut | None = None) -> list[Listener]:
+                render: Render, shortcut: ShortcutFor | None = None) -> list[Listener]:
     """Accept connections on `sockets` for the app behind `runner` (already set up);
-    heads are offered to `shortcut` first, if given."""
+    heads are offered to the app's shortcut first, if given, made for these limits: the
+    ones aiohttp's parser gets."""
     loop = asyncio.get_running_loop()
     assert runner.server is not None, "runner.setup() first"
     manager = runner.server
     table = ConnectionTable(name=name, limits=limits)
     options = _handler_options(limits)
+    answer_at_once = shortcut(limits) if shortcut is not None else None
 
     def connection() -> BoundedHandler:
-        return BoundedHandler(manager, table=table, render=render, shortcut=shortcut, loop=loop, access_log=None,
+        return BoundedHandler(manager, table=table, render=render, shortcut=answer_at_once, loop=loop, access_log=None,
                               **options)
 
     listeners = []

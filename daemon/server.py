@@ -118,7 +118,7 @@ def _outcome_of(error: DaemonError) -> str:
     return "denied" if isinstance(error, (TokenError, IdentityNotAllowedError)) or error.status == 403 else "error"
 
 
-SHORTCUT: web.AppKey[shortcut.Shortcut] = web.AppKey("shortcut")
+SHORTCUT: web.AppKey[shortcut.ShortcutFor] = web.AppKey("shortcut")
 
 
 def create_app(
@@ -127,16 +127,15 @@ def create_app(
     directory: Directory,
     cache: CredentialCache,
     hosts: Callable[[], frozenset[str]],
-    limits: ConnectionLimits,
 ) -> web.Application:
-    """The credentials app. `hosts` is read per request: ports bound as 0 are known only after
-    start. `limits` are the listener's: the shortcut declines what aiohttp's parser would refuse.
+    """The credentials app. `hosts` is read per request: ports bound as 0 are known only after start.
 
     Two handlers and no middleware: `credentials` does the whole request (the Host
     check, the answer or the error, counting it), and
     `elsewhere` answers every other path and method with the same JSON errors. A
     middleware chain would cost every cached answer a few coroutine frames more.
-    `app[SHORTCUT]` answers the cached case straight from a request head."""
+    `app[SHORTCUT]`, given the listener's limits, answers the cached case straight from a
+    request head (declining what aiohttp's parser, under those limits, would refuse)."""
     trail = audit.IssuanceTrail(max_tokens=VERIFIED_TOKENS_MAX)
     count = metrics.REQUESTS.count
     verified_before = verifier.verified_before
@@ -144,20 +143,23 @@ def create_app(
     role_now, hit = directory.role_now, cache.hit
     ok_head = shortcut.OkHead()
     line = shortcut.request_line(CREDENTIALS_PATH)
-    max_headers, max_field_bytes = limits.max_headers, limits.max_field_bytes
 
-    def cached_answer(head: bytes) -> bytes | None:
+    def cached_answer_for(limits: ConnectionLimits) -> shortcut.Shortcut:
+        max_headers, max_field_bytes = limits.max_headers, limits.max_field_bytes
+
+        def cached_answer(head: bytes) -> bytes | None:
+            fields = shortcut.plain_get(head, line, max_headers=max_headers, max_field_bytes=max_field_bytes)
+            return None if fields is None else answer_at_once(*fields)
+
+        return cached_answer
+
+    def answer_at_once(host: str, authorization: str) -> bytes | None:
         """`credentials` for a plain request that needs no wait, as response bytes; None
         for anything else. Declining has no effect: the full way does it all again."""
         started = time.perf_counter()
-        fields = shortcut.plain_get(head, line, max_headers=max_headers, max_field_bytes=max_field_bytes)
-        if fields is None:
+        if not host_allowed(host, hosts()):
             return None
-        host, token = fields
-        allowed = hosts()
-        if host not in allowed and host.lower() not in allowed:
-            return None
-        token = token.removeprefix("Bearer ").strip()
+        token = bare_token(authorization)
         if len(token) > MAX_TOKEN_CHARS:
             return None
         verified = verified_before(token)
@@ -195,15 +197,11 @@ def create_app(
             if not token.isascii():  # aiohttp keeps bytes that are not UTF-8 as surrogates
                 raise RequestError("the Authorization header holds bytes that are not ASCII; a token is base64url "
                                    "text", code="bad_header")
-            token = token.removeprefix("Bearer ").strip()
+            token = bare_token(token)
             if len(token) > MAX_TOKEN_CHARS:
                 raise TokenError(f"the token is {len(token)} characters; STS accepts at most {MAX_TOKEN_CHARS}",
                                  code="token_too_long")
-            verified = verified_before(token)
-            if verified is None:
-                verified = await verifier.verify(token)
-            else:
-                count_cached_verification()
+            verified = await verifier.verify(token)  # a token verified before: at once, counted "cached"
             identity = verified.identity
             role_arn = await directory.role_for(identity)
             issued, outcome = await cache.get(CacheKey.of(role_arn, identity), verified)
@@ -248,7 +246,7 @@ def create_app(
     app = web.Application()
     app.router.add_get(CREDENTIALS_PATH, credentials)  # and HEAD
     app.router.add_route("*", "/{path:.*}", elsewhere)  # other methods on CREDENTIALS_PATH too
-    app[SHORTCUT] = cached_answer
+    app[SHORTCUT] = cached_answer_for
     return app
 
 
@@ -261,11 +259,20 @@ def _doctor_hint(identity: Identity | None, role_arn: str | None, error: DaemonE
     return f". To find the broken link: {command}"
 
 
+def host_allowed(host: str, hosts: frozenset[str]) -> bool:
+    return host in hosts or host.lower() in hosts  # SDKs send it lower case: lower() only if not
+
+
+def bare_token(authorization: str) -> str:
+    """The token an Authorization header holds (the SDKs send it bare; a Bearer prefix is taken too)."""
+    return authorization.removeprefix("Bearer ").strip()
+
+
 def check_host(request: web.Request, hosts: frozenset[str]) -> None:
     """The Host header, and the authority of an absolute-form request target
     (`GET http://host/v1/credentials`), must name one of our listen addresses."""
     host = request.headers.get(hdrs.HOST, "")
-    if host not in hosts and host.lower() not in hosts:  # SDKs send it lower case: lower() only if not
+    if not host_allowed(host, hosts):
         raise WrongHostError(f"Host {host.lower()!r} is not an address this daemon listens on")
     target = request.raw_path
     if not target.startswith("/"):

@@ -24,8 +24,12 @@ import time
 from collections.abc import Callable
 from email.utils import formatdate
 
+from daemon.config import ConnectionLimits
+
 Shortcut = Callable[[bytes], bytes | None]
 """A whole request head -> the whole response, or None: take the full way."""
+ShortcutFor = Callable[[ConnectionLimits], Shortcut]
+"""The app's shortcut for a listener whose parser has these limits."""
 
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?[ \t]*")
 _FULL_WAY = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade", b"te",

@@ -119,12 +119,11 @@ class KubernetesDirectory:
     def role_now(self, identity: Identity) -> str | None:
         try:
             role_arn, pod_key = self._account_role(identity)
-            pod = self.pods.store.get(pod_key)
-            if pod is None:
-                return None  # not here yet, or absent: `role_for` waits, reads, or refuses
-            self._check_known_pod(pod, identity, pod_key)
         except IdentityNotAllowedError:
             return None
+        pod = self.pods.store.get(pod_key)
+        if pod is None or self._pod_refusal(pod, identity, pod_key) is not None:
+            return None  # not here yet, absent or refused: `role_for` waits, reads, or says why
         return role_arn
 
     async def role_for(self, identity: Identity) -> str:
@@ -178,24 +177,27 @@ class KubernetesDirectory:
         if pod is None:
             raise self._remember_absent(key, IdentityNotAllowedError(
                 f"pod {key[0]}/{key[1]} is not running on node {self._node}", code="pod_not_on_node"))
-        self._check_known_pod(pod, identity, key)
+        refusal = self._pod_refusal(pod, identity, key)
+        if refusal is not None:
+            # A pod on another node stays away: remembered. The others may change here.
+            raise self._remember_absent(key, refusal) if refusal.code == "pod_on_other_node" else refusal
 
-    def _check_known_pod(self, pod: Obj, identity: Identity, key: Key) -> None:
-        """The pod the token names runs here, is the very pod it was issued to, and is live."""
+    def _pod_refusal(self, pod: Obj, identity: Identity, key: Key) -> IdentityNotAllowedError | None:
+        """Why the token may not be served, unless the pod it names runs here, is the very
+        pod it was issued to, and is live."""
         where = f"pod {key[0]}/{key[1]}"
         node = _text(pod, "spec", "nodeName")
         if node != self._node:
-            raise self._remember_absent(key, IdentityNotAllowedError(
-                f"{where} runs on node {node!r}, not on this node {self._node!r}", code="pod_on_other_node"))
+            return IdentityNotAllowedError(f"{where} runs on node {node!r}, not on this node {self._node!r}",
+                                           code="pod_on_other_node")
         uid = _text(pod, "metadata", "uid")
         if uid != identity.pod_uid:
-            raise IdentityNotAllowedError(
-                f"{where} has uid {uid}, the token was issued to uid {identity.pod_uid} "
-                "(a deleted pod's token)", code="pod_uid_mismatch",
-            )
+            return IdentityNotAllowedError(f"{where} has uid {uid}, the token was issued to uid {identity.pod_uid} "
+                                           "(a deleted pod's token)", code="pod_uid_mismatch")
         phase = _text(pod, "status", "phase")
         if phase not in LIVE_PHASES:
-            raise IdentityNotAllowedError(f"{where} is {phase}, no longer live", code="pod_not_live")
+            return IdentityNotAllowedError(f"{where} is {phase}, no longer live", code="pod_not_live")
+        return None
 
     def _raise_if_remembered_absent(self, key: Key) -> None:
         if not self.pods.healthy:
