@@ -4,6 +4,7 @@ failures, and no count may turn the backoff into an exception that ends the daem
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 from unittest import mock
 
@@ -23,25 +24,27 @@ def test_the_backoff_is_capped_whatever_the_count() -> None:
     assert capped(0.5, 30.0, 1_000_000) == 30.0
 
 
-async def failing_for(count: int) -> tuple[mock.Mock, asyncio.Event]:
+def failing_for(count: int) -> tuple[Callable[[float], Awaitable[None]], asyncio.Event]:
     """A sleep that takes no time, and an event set once `count` failures have been slept off."""
     done = asyncio.Event()
     real_sleep = asyncio.sleep
+    calls = 0
 
     async def no_wait(seconds: float) -> None:
-        no_wait.calls += 1  # type: ignore[attr-defined]
-        if no_wait.calls >= count:  # type: ignore[attr-defined]
+        nonlocal calls
+        calls += 1
+        if calls >= count:
             done.set()
         await real_sleep(0)
 
-    no_wait.calls = 0  # type: ignore[attr-defined]
-    return no_wait, done  # type: ignore[return-value]
+    return no_wait, done
 
 
 async def run_until(coroutine: Any, done: asyncio.Event) -> None:
     task = asyncio.ensure_future(coroutine)
     await asyncio.wait([task, asyncio.ensure_future(done.wait())], timeout=60, return_when=asyncio.FIRST_COMPLETED)
     assert not task.done(), f"the retry loop ended: {task.exception()!r}"
+    assert done.is_set(), "the retry loop stopped retrying"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -53,7 +56,7 @@ async def test_an_informer_keeps_retrying_an_api_server_down_for_days() -> None:
 
     watcher = informer.Informer(name="pod", list_call=api_down, on_change=lambda old, new: None,
                                 timeouts=ApiTimeouts())
-    no_wait, done = await failing_for(FAILURES)
+    no_wait, done = failing_for(FAILURES)
     with mock.patch.object(informer.asyncio, "sleep", no_wait), mock.patch.object(informer.log, "warning"):
         await run_until(watcher.run(), done)
 
@@ -62,7 +65,7 @@ async def test_key_loading_keeps_retrying_a_key_set_down_for_days() -> None:
     async def key_set_down() -> None:
         raise ConnectionRefusedError("connection refused")
 
-    no_wait, done = await failing_for(FAILURES)
+    no_wait, done = failing_for(FAILURES)
     with mock.patch.object(tokens.asyncio, "sleep", no_wait), mock.patch.object(tokens.log, "warning"):
         await run_until(tokens.retry_until_done(key_set_down, on_failure=lambda reason: None), done)
 

@@ -29,7 +29,8 @@ from daemon.embedded import Background, Issuer, free_port
 from tests.conftest import (
     FakeClock, ROLE_A, ROLE_B, SUBJECT_A, SUBJECT_B, Cluster, StartDaemon, StartK8sDaemon, eventually, fetch, metric,
 )
-from tests.k8s_double import Fault, K8sApiDouble, plain_answer, pod, service_account, silence, watch_lines
+from tests.k8s_double import (Fault, K8sApiDouble, plain_answer, pod, service_account, silence, status_response,
+                              watch_lines)
 from tests.sts_double import StsDouble, sts_error
 
 BOUND_SECONDS = 20.0
@@ -123,8 +124,6 @@ async def test_the_daemon_outlives_a_misbehaving_api_server(
 async def test_an_api_server_that_expires_every_watch_at_once_is_not_spun_against(
     start_k8s_daemon: StartK8sDaemon, k8s: K8sApiDouble, cluster: Cluster, http: aiohttp.ClientSession,
 ) -> None:
-    from tests.k8s_double import status_response
-
     cluster.account("team-a", "app", ROLE_A)
     known = cluster.pod("team-a", "app-1", "app")
     daemon = await start_k8s_daemon(adjust=fast_api)
@@ -287,7 +286,7 @@ async def test_pods_with_fields_of_the_wrong_type_are_refused_and_disturb_nothin
         assert (await fetch(http, daemon, cluster.token(pod_))).status == 200
     assert (await readiness(http, daemon))[0] == 200 and alive(daemon)
     in_use = daemon.directory.in_use  # type: ignore[attr-defined]
-    key = CacheKey(ROLE_A, cluster.issuer.url, "system:serviceaccount:team-a:app", "sts.amazonaws.com")
+    key = CacheKey(ROLE_A, cluster.issuer.url, SUBJECT_A, "sts.amazonaws.com")
     assert in_use(key)
     k8s.delete(first)
     k8s.delete(second)

@@ -49,6 +49,24 @@ async def raw_exchange(daemon: RunningDaemon, data: bytes, *, read_timeout: floa
         writer.close()
 
 
+def plain(daemon: RunningDaemon, token: str, *extra: str) -> bytes:
+    """A credentials request as an SDK sends it, with `extra` header lines."""
+    fields = "".join(f"{field}\r\n" for field in extra)
+    return (f"GET /v1/credentials HTTP/1.1\r\nHost: {daemon.listen[0]}\r\nAuthorization: {token}\r\n{fields}\r\n"
+            .encode())
+
+
+async def answers(reader: asyncio.StreamReader, count: int) -> list[tuple[bytes, bytes]]:
+    """`count` whole answers (head, body) read off one connection."""
+    got = []
+    async with asyncio.timeout(BOUND_SECONDS):
+        for _ in range(count):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+            got.append((head, await reader.readexactly(length)))
+    return got
+
+
 def json_error(answer: bytes) -> tuple[int, dict[str, str]]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split()[1])
@@ -236,14 +254,9 @@ async def test_a_request_the_router_answers_itself_frees_the_connection(daemon: 
     writer.write(f"OPTIONS * HTTP/1.1\r\nHost: {address}\r\n\r\nGET /nope HTTP/1.1\r\nHost: {address}\r\n\r\n"
                  .encode())
 
-    statuses = []
-    async with asyncio.timeout(2):  # well within the 5 s idle bound that would end it anyway
-        for _ in range(2):
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1)))  # type: ignore[union-attr]
-            statuses.append(head.split()[1])
+    got = await asyncio.wait_for(answers(reader, 2), 2)  # well within the 5 s idle bound that would end it anyway
     writer.close()
-    assert statuses == [b"404", b"404"]
+    assert [head.split()[1] for head, _ in got] == [b"404", b"404"]
 
 
 async def test_a_flood_of_pipelined_requests_is_answered_one_at_a_time_then_cut(

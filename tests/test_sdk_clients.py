@@ -32,7 +32,7 @@ from daemon.sts import session_name_for
 from tests import sdk_clients
 from tests.conftest import StartDaemon, fetch
 from tests.sts_double import StsDouble
-from tests.test_wait_policy import DEFAULT_HOLD, HOLD_SECONDS, LATE_SECONDS, STS_TIMEOUT_SECONDS
+from tests.test_wait_policy import DEFAULT_HOLD, HOLD_SECONDS, LATE_SECONDS, expected_attempts
 
 NAMES = ("boto3", "aws-cli", "js-v3", "go-v2-debian")
 
@@ -95,8 +95,7 @@ def problems_with(row: Row) -> list[str]:
     """Each client against what its patience and the policy promise it; empty when all is right."""
     problems = []
     for trial in row.trials.values():
-        expected = sdk_clients.expected_attempts(trial.client.patience, row.sts_seconds, hold=HOLD_SECONDS,
-                                                 sts_timeout=STS_TIMEOUT_SECONDS)
+        expected = expected_attempts(trial.client.patience, row.sts_seconds)
         served = len(trial.requests) if trial.ok else None
         if served not in expected:
             problems.append(f"expected to be served in request {sorted(expected, key=str)}; {trial.describe()}")

@@ -23,9 +23,9 @@ from daemon.config import CREDENTIALS_LIMITS, Address
 from daemon.server import raw_error_response
 from daemon.embedded import Issuer
 from daemon.shortcut import OkHead, plain_get, request_line
-from tests.conftest import SUBJECT_A, SUBJECT_B, StartDaemon, fetch, metric
+from tests.conftest import SUBJECT_A, SUBJECT_B, StartDaemon, eventually, fetch, metric
 from tests.sts_double import StsDouble
-from tests.test_listeners import BOUND_SECONDS, limits, served_within
+from tests.test_listeners import BOUND_SECONDS, answers, limits, plain, served_within
 
 LINE = request_line("/v1/credentials")
 MAX_FIELD = CREDENTIALS_LIMITS.max_field_bytes
@@ -35,22 +35,6 @@ AUDIT = "irsa_cache.audit"
 def by_shortcut(head: bytes) -> bool:
     assert head.startswith(b"HTTP/1."), head[:40]
     return b"\r\nServer:" not in head
-
-
-def plain(daemon: RunningDaemon, token: str, *extra: str) -> bytes:
-    fields = "".join(f"{field}\r\n" for field in extra)
-    return f"GET /v1/credentials HTTP/1.1\r\nHost: {daemon.listen[0]}\r\nAuthorization: {token}\r\n{fields}\r\n".encode()
-
-
-async def answers(reader: asyncio.StreamReader, count: int) -> list[tuple[bytes, bytes]]:
-    """`count` whole answers (head, body) read off one connection."""
-    got = []
-    async with asyncio.timeout(BOUND_SECONDS):
-        for _ in range(count):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
-            got.append((head, await reader.readexactly(length)))
-    return got
 
 
 async def cached_and_connected(
@@ -135,6 +119,8 @@ def read(head: bytes) -> tuple[str, str] | None:
                      b"user-agent: b\r\n\r\n", id="a-repeated-header"),
         pytest.param(b"GET /v1/credentials HTTP/1.1\r\nHost: h\r\nAuthorization: t\r\nSec-WebSocket-Key1: 1\r\n\r\n",
                      id="websocket-draft-key"),
+        pytest.param(b"GET /v1/credentials HTTP/1.1\r\nHost: h\r\nAuthorization: t\r\nTE: trailers\r\n\r\n",
+                     id="TE (what bench/hot_path.py's full way sends)"),
     ],
 )
 def test_any_other_head_takes_the_full_way(head: bytes) -> None:
@@ -335,9 +321,8 @@ async def test_a_flood_of_cached_requests_never_read_stays_bounded(
 
     await served_within(http, daemon, issuer, 1.0)
     writer.transport.abort()
-    async with asyncio.timeout(BOUND_SECONDS):
-        while metric("irsa_cache_connections", listener="credentials") > 1:  # the client's own pool
-            await asyncio.sleep(0.02)
+    await eventually(lambda: metric("irsa_cache_connections", listener="credentials") <= 1,  # the client's pool
+                     seconds=BOUND_SECONDS)
 
 
 async def test_a_connection_in_use_is_kept_past_the_idle_bound(

@@ -14,8 +14,9 @@ import aiohttp
 import pytest
 
 from daemon.embedded import Background, Issuer, free_port
-from tests.conftest import SUBJECT_A, StartDaemon, fetch
+from tests.conftest import SUBJECT_A, StartDaemon, eventually, fetch
 from tests.sts_double import StsDouble
+from tests.test_listeners import answers, plain
 
 BOUND_SECONDS = 30.0
 
@@ -128,18 +129,14 @@ async def test_draining_closes_keep_alive_connections_after_their_answer(
     daemon = await start_daemon()
     host, port = daemon.listen[0].host, daemon.listen[0].port
 
-    def request(subject: str) -> bytes:
-        return (f"GET /v1/credentials HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                f"Authorization: {issuer.mint(subject)}\r\n\r\n").encode()
-
     idle_reader, idle_writer = await asyncio.open_connection(host, port)
-    idle_writer.write(request(SUBJECT_A))
-    assert (await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), BOUND_SECONDS)).startswith(b"HTTP/1.1 200")
-    await asyncio.wait_for(idle_reader.read(int(1e5)), BOUND_SECONDS)  # the body; the connection stays open
+    idle_writer.write(plain(daemon, issuer.mint(SUBJECT_A)))
+    (head, _), = await answers(idle_reader, 1)  # the whole answer; the connection stays open
+    assert head.startswith(b"HTTP/1.1 200")
     sts.delay_seconds = 1.0
     busy_reader, busy_writer = await asyncio.open_connection(host, port)
-    busy_writer.write(request("system:serviceaccount:batch:slow"))
-    await asyncio.sleep(0.3)
+    busy_writer.write(plain(daemon, issuer.mint("system:serviceaccount:batch:slow")))
+    await eventually(lambda: len(sts.assume_calls) == 2)  # the busy one is held for STS
 
     draining = asyncio.create_task(daemon.drain(10.0))
     assert await asyncio.wait_for(idle_reader.read(), 2.0) == b""  # closed by the daemon, not by us

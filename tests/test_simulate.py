@@ -273,7 +273,6 @@ def test_the_same_seed_gives_the_same_irsa_cache_run_jitter_and_all() -> None:
     """The simulated daemons' own randomness (refresh jitter, retry backoff, the shared
     budget's draws) comes from the seed too: a user running a command twice gets the same
     figures."""
-    from daemon.simulate.inputs import DaemonKnobs
 
     shape = dict(nodes=40, identities=10, pods_per_identity=200, placement="packed", scenario="cold-start",
                  account_rate_per_second=20, account_burst=20,
@@ -288,7 +287,6 @@ def test_the_same_seed_gives_the_same_irsa_cache_run_jitter_and_all() -> None:
 def test_the_simulated_daemons_defaults_are_the_daemons_own() -> None:
     from daemon import config
     from daemon.simulate.cli import DAEMON_FLAGS
-    from daemon.simulate.inputs import DaemonKnobs
 
     defaults = DaemonKnobs()
     for option in config.SERVE_OPTIONS:
