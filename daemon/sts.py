@@ -95,10 +95,14 @@ def safe_text(text: str, token: str | None = None) -> str:
     return text if len(text) <= _MESSAGE_MAX_CHARS else text[: _MESSAGE_MAX_CHARS - 3] + "..."
 
 
-def classify(exc: ClientError, role_arn: str, token: str | None = None) -> StsError:
+def error_of(exc: ClientError, token: str | None = None) -> tuple[str, str]:
+    """STS's error code and message, fit to repeat (see `safe_text`)."""
     error = exc.response.get("Error", {})
-    code = safe_text(str(error.get("Code", "Unknown")))[:64]
-    message = safe_text(str(error.get("Message", "")), token)
+    return safe_text(str(error.get("Code", "Unknown")))[:64], safe_text(str(error.get("Message", "")), token)
+
+
+def classify(exc: ClientError, role_arn: str, token: str | None = None) -> StsError:
+    code, message = error_of(exc, token)
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     said = f"{code}: {message}" if message else code
     if status:

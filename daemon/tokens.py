@@ -221,20 +221,24 @@ class TokenVerifier:
             return None
         return self._load_error or f"signing keys not loaded yet from {self._key_source.description}"
 
-    async def load_keys(self) -> None:
-        """Fetch the key set now; raises if the source fails or holds no usable key."""
+    async def load_keys(self, skipped: list[str] | None = None) -> None:
+        """Fetch the key set now; raises if the source fails or holds no usable key. Keys
+        skipped are logged, or added to `skipped` if given (doctor shows them its own way)."""
         if self.issuer is None:
             assert self._discover_issuer is not None  # the constructor insists on one of them
             self.issuer = await self._discover_issuer()
             log.info("service-account issuer: %s", self.issuer)
         document = await self._key_source.fetch()
-        skipped: list[str] = []
-        keys = parse_key_set(document, skipped)
+        reasons: list[str] = []
+        keys = parse_key_set(document, reasons)
         if not keys:
-            why = f" ({'; '.join(skipped)})" if skipped else ""
+            why = f" ({'; '.join(reasons)})" if reasons else ""
             raise ValueError(f"the key set from {self._key_source.description} has no usable signing key{why}")
-        for reason in skipped:
-            log.warning("%s", reason)
+        if skipped is not None:
+            skipped.extend(reasons)
+        else:
+            for reason in reasons:
+                log.warning("%s", reason)
         self._keys = keys
         self._load_error = None
         # Debug: a bad configuration found after this must be the only line a user sees.

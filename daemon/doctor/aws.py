@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from botocore.parsers import ResponseParserError
 
 from daemon import config
-from daemon.sts import safe_text
+from daemon.sts import error_of, safe_text
 from daemon.doctor import issuers
 from daemon.doctor.checks.sts import StsAnswer
 from daemon.doctor.inputs import Role, providers_of
@@ -128,9 +128,8 @@ async def assume_role(*, role_arn: str, token: str, session_name: str, region: s
                     return StsAnswer(endpoint=endpoint, unusable=f"an answer doctor cannot read ({type(exc).__name__})")
     except ClientError as exc:
         # Repeated as the daemon repeats it: a proxy in the way may echo the request, token and all.
-        error = exc.response.get("Error", {})
-        return StsAnswer(endpoint=endpoint, code=safe_text(str(error.get("Code", "Unknown")))[:64],
-                         message=safe_text(str(error.get("Message", "")), token))
+        code, message = error_of(exc, token)
+        return StsAnswer(endpoint=endpoint, code=code, message=message)
     except (BotoCoreError, NoRegionError, TimeoutError, OSError) as exc:
         return StsAnswer(endpoint=endpoint, unreachable=safe_text(f"{type(exc).__name__}: {exc}", token))
     return StsAnswer(endpoint=endpoint, assumed_role_arn=assumed,

@@ -10,9 +10,7 @@ everything else is pure.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,8 +121,7 @@ async def verify_signature(token: Token, key_source: tokens.KeySource) -> Signat
         max_verified=1,
     )
     try:
-        with _quiet(tokens.log):  # the keys it skips are the key-set check's to show, not the log's
-            await verifier.load_keys()
+        await verifier.load_keys(skipped=[])  # the keys it skips are the key-set check's to show, not the log's
     except Exception as exc:  # the daemon refuses to start on this too
         return Signature(verified=False, code="no_usable_key", message=str(exc))
     try:
@@ -136,15 +133,6 @@ async def verify_signature(token: Token, key_source: tokens.KeySource) -> Signat
     kid = (token.header or {}).get("kid")
     return Signature(verified=True, code=None,
                      message=f"signed with {(token.header or {}).get('alg')} by key {kid!r} of {key_source.description}")
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = disabled
 
 
 def _inside_lifetime(token: Token) -> float:

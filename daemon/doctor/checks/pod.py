@@ -21,6 +21,7 @@ from daemon.doctor.facts import Facts, account_of_subject, pod_account
 from daemon.doctor.inputs import MIN_TOKEN_SECONDS
 from daemon.doctor.model import Check, Finding, Link, failed, passed, skipped, warned
 from daemon.server import CREDENTIALS_PATH
+from daemon.webhook.mutation import DEFAULT_TOKEN_EXPIRATION_SECONDS
 
 FULL_URI = "AWS_CONTAINER_CREDENTIALS_FULL_URI"
 TOKEN_FILE = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"
@@ -276,7 +277,7 @@ def check_token_expiration(facts: Facts) -> Finding:
             return failed(f"container {name}: the projected token lives {seconds} s, under 10 minutes: the API "
                           "server refuses it, and a token so short may expire between the kubelet's refreshes",
                           f"set serviceAccountToken.expirationSeconds to at least {MIN_TOKEN_SECONDS} "
-                          "(IRSA uses 86400)")
+                          f"(IRSA uses {DEFAULT_TOKEN_EXPIRATION_SECONDS})")
     first = sources[0][1].get("expirationSeconds", DEFAULT_TOKEN_SECONDS)
     return passed(f"the projected token lives {first} s; the kubelet refreshes it at 80 % of that")
 
