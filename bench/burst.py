@@ -85,7 +85,6 @@ BUCKET_SECONDS = 0.5
 WORKER_READY_TIMEOUT_SECONDS = 120.0
 WORKER_TAIL_SECONDS = 300.0  # after the last arrival, the most a mode may take before it is killed
 PROGRESS_EVERY_SECONDS = 10.0
-DAEMON_BUDGET = {"rate": 10.0, "burst": 20.0}  # `irsa-cache serve`'s defaults, which the benchmark keeps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +524,7 @@ def steady_state(*, identities: int, pods_per_identity: int, hours: float, sessi
     outcomes: Counter[str] = Counter()
     refused: Counter[str] = Counter()
     finished_at: list[float] = []
-    policy = CachePolicy()  # the daemon's defaults: floor 960 s, jitter 0.1, hold 30 s
+    policy = CachePolicy()  # the daemon's defaults
 
     class CountingSts:
         """Healthy STS: answers after `sts_latency`, credentials for exactly `session_seconds`."""
@@ -696,11 +695,14 @@ def print_table(scenario: dict[str, Any], by_mode: dict[str, dict[str, Any]], ou
             print(f"  {mode}: {count:,} pods failed: {reason}", file=out)
     print(f"  direct: at most {d['sts_calls_per_session_name_max']} STS attempts by one pod (botocore's legacy retry "
           f"mode allows 5); irsa-cache: at most {c['sts_calls_per_session_name_max']} per identity", file=out)
+    from daemon.config import serve_default  # the benchmark runs the daemon with its defaults
+
     print(f"\n  physical floor: one STS call per identity, admitted at {scenario['sts_rate']:g}/s from a bucket of "
           f"{scenario['sts_bucket']:g} (full at the start), in the order the identities' first pods start, "
           f"answered after {scenario['sts_latency'] * 1000:g} ms; every pod of an identity served the moment its "
           f"call returns. irsa-cache p99 {_fmt_ms(c['ttc_p99_ms'])} against a floor of {_fmt_ms(c['floor_p99_ms'])}"
-          f" (the node's own budget, --sts-rate {DAEMON_BUDGET['rate']:g} --sts-burst {DAEMON_BUDGET['burst']:g}, "
+          f" (the node's own budget, --sts-rate {serve_default('--sts-rate'):g} --sts-burst "
+          f"{serve_default('--sts-burst'):g}, "
           f"is not part of the floor)", file=out)
     cores = os.cpu_count() or 1
     offered = scenario["pods"] / scenario["window"]

@@ -55,6 +55,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from daemon.demo import metric_total, scrape  # noqa: E402
+from daemon.stats import nearest_rank  # noqa: E402
 from daemon.embedded import (  # noqa: E402
     DEMO_ACCOUNT, IRSA_AUDIENCE, Background, Issuer, MotoSts, cpu_seconds, free_port, machine_busy_seconds,
 )
@@ -187,13 +188,13 @@ def run_once(build: str, round_number: int, argv_prefix: list[str], env: dict[st
         succeeded_at = done.get(subjects[answer.identity])
         if answer.status != 200 and succeeded_at is not None and succeeded_at < answer.answered:
             turned_away += 1
-    latencies = sorted(answer.answered - answer.sent for answer in answers)
+    latencies = [answer.answered - answer.sent for answer in answers]
     return Run(
         build=build, round=round_number, requests=len(answers),
         cpu_us_per_request=used / len(answers) * 1e6,
         wall_seconds=last - min(answer.sent for answer in answers),
-        latency_p50_ms=latencies[len(latencies) // 2] * 1000,
-        latency_p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        latency_p50_ms=nearest_rank(latencies, 0.5) * 1000,  # type: ignore[operator]
+        latency_p99_ms=nearest_rank(latencies, 0.99) * 1000,  # type: ignore[operator]
         status_counts=statuses, turned_away_after_success=turned_away,
         sts_exchanges=metric_total(samples, "irsa_cache_sts_calls_total", result="success"),
         other_load_cores=max(others, 0.0) / elapsed,

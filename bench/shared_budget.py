@@ -51,15 +51,15 @@ sys.path.insert(0, str(REPO))
 
 from daemon.embedded import DEMO_ACCOUNT, Background, Issuer, MotoSts, free_port  # noqa: E402
 from daemon.simulate.cli import knobs_from_flags  # noqa: E402
-from daemon.simulate.inputs import DaemonKnobs, Inputs, plan  # noqa: E402
+from daemon.simulate.inputs import Inputs, plan  # noqa: E402
 from daemon.simulate.run import simulate  # noqa: E402
-from daemon.simulate.sdk import ContainerProvider  # noqa: E402
+from daemon.simulate.sdk import CONTAINER_PROVIDER  # noqa: E402
 from tests.k8s_double import K8sApiDouble, daemon_set, pod, service_account  # noqa: E402
 
 NAMESPACE = DAEMONSET = "irsa-cache"
 DAEMON_READY_TIMEOUT_SECONDS = 90.0
 STS_LATENCY_SECONDS = 0.05
-BOTOCORE = ContainerProvider()  # the pods' SDK, as the simulation plays it
+BOTOCORE = CONTAINER_PROVIDER  # the pods' SDK, as the simulation plays it
 CASES = {
     "spread-8": dict(nodes=8, rate=20, identities=20, pods_per_identity=8 * 5, placement="spread"),
     "spread-16": dict(nodes=16, rate=50, identities=20, pods_per_identity=16 * 5, placement="spread"),
@@ -74,11 +74,6 @@ def budget_flags(budget: str, nodes: int, rate: float) -> list[str]:
     if budget == "shared":
         return ["--sts-cluster-rate", f"{rate:g}", "--sts-cluster-burst", str(int(rate))]
     return []
-
-
-def budget_knobs(budget: str, nodes: int, rate: float) -> DaemonKnobs:
-    """The simulated daemons' settings: the real daemons' flags, read as `serve` reads them."""
-    return knobs_from_flags(budget_flags(budget, nodes, rate))
 
 
 @dataclass
@@ -176,7 +171,7 @@ async def run_case(name: str, budget: str, *, sts_url: str, sts_admin: str, issu
     inputs = Inputs(nodes=nodes, identities=case["identities"], pods_per_identity=case["pods_per_identity"],
                     placement=case["placement"], ramp_seconds=1.0, account_rate_per_second=rate,
                     account_burst=int(rate), sts_latency_seconds=STS_LATENCY_SECONDS, seed=seed,
-                    daemon=budget_knobs(budget, nodes, rate))
+                    daemon=knobs_from_flags(budget_flags(budget, nodes, rate)))  # as the real daemons run
     cluster_plan = plan(inputs)
     simulated = await asyncio.to_thread(simulate, inputs, cluster_plan, "irsa-cache")  # its own loop
 

@@ -105,18 +105,21 @@ def vm_rss_kib(pid: int) -> int:
     return int(match.group(1))
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time, per second
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
     # The command name, field 2, may hold spaces: split after its closing parenthesis.
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def machine_busy_seconds() -> float:
     """CPU time all processes have used so far, plus time stolen by the hypervisor.
     Interrupt time is left out: it is mostly the loopback traffic of the run itself."""
     user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + steal) / _CLOCK_TICKS
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -343,10 +343,11 @@ class Inheritance:
 
 def _described_socket(item: object) -> tuple[str, Address]:
     """(role, address) of one socket the predecessor offers, or HandoffError."""
-    address = item.get("address") if isinstance(item, dict) else None
-    if not (isinstance(address, list) and len(address) == 2 and isinstance(address[1], int)):
-        raise HandoffError(f"a socket described as {item!r}"[:200] + ", not {role, address: [host, port]}")
-    return str(item["role"]), Address(str(address[0]), address[1])  # type: ignore[index]
+    if isinstance(item, dict):
+        role, address = item.get("role"), item.get("address")
+        if isinstance(role, str) and isinstance(address, list) and len(address) == 2 and isinstance(address[1], int):
+            return role, Address(str(address[0]), address[1])
+    raise HandoffError(f"a socket described as {item!r}"[:200] + ", not {role, address: [host, port]}")
 
 
 def _check_listening(sock: socket.socket, described: Address) -> None:
@@ -356,11 +357,12 @@ def _check_listening(sock: socket.socket, described: Address) -> None:
     if not (tcp and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
         raise HandoffError(f"a socket described as {described} is not a listening TCP socket")
     host, port = sock.getsockname()[:2]
-    if Address(str(host), int(port)) != described:
-        raise HandoffError(f"a socket described as {described} listens on {Address(str(host), int(port))}")
+    bound = Address(str(host), int(port))
+    if bound != described:
+        raise HandoffError(f"a socket described as {described} listens on {bound}")
 
 
-def inherit(path: Path, *, timeout_seconds: float | None = None) -> Inheritance | None:
+def inherit(path: Path) -> Inheritance | None:
     """Take over from a predecessor listening on `path`, or None (start cold) for any
     reason, said in the log. Blocking: run it in a thread."""
     started = time.monotonic()
@@ -369,7 +371,7 @@ def inherit(path: Path, *, timeout_seconds: float | None = None) -> Inheritance 
         log.info("handoff: no predecessor at %s; starting cold", path)
         return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    connection.settimeout(config.HANDOFF_SECONDS if timeout_seconds is None else timeout_seconds)
+    connection.settimeout(config.HANDOFF_SECONDS)
     received: list[int] = []  # descriptors not yet owned by a socket object
     sockets: list[tuple[str, Address, socket.socket]] = []
     try:

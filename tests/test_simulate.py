@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from daemon.__main__ import build_parser
+from daemon.errors import ConfigError
 from daemon.simulate import cli, inputs as inputs_module
 from daemon.simulate.inputs import DaemonKnobs, Inputs, plan
 from daemon.simulate.run import ModeResult, simulate
@@ -303,3 +304,10 @@ def test_serve_flags_become_the_knobs_serve_would_run_with() -> None:
     assert (shared.cluster_rate_per_second, shared.cluster_burst) == (20.0, 20)
     assert shared.sts_rate_per_second == DaemonKnobs().sts_rate_per_second  # serve's default
     assert cli.knobs_from_flags([]) == DaemonKnobs()
+
+
+def test_serve_flags_serve_would_refuse_are_refused_here_too() -> None:
+    with pytest.raises(ConfigError) as refused:
+        cli.knobs_from_flags(["--sts-cluster-burst", "20", "--sts-rate", "fast", "--listen", "127.0.0.1:1"])
+    text = str(refused.value)
+    assert "--sts-rate" in text and "--listen" in text and "--sts-cluster-burst" in text  # a burst without a rate

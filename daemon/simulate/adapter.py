@@ -46,6 +46,8 @@ ACCOUNT = "123456789012"
 TOKEN_LIFETIME_SECONDS = 86_400.0  # IRSA's projected token; the kubelet rotates it at 80 %
 TOKEN_ROTATE_FRACTION = 0.8
 
+_STS_TIMEOUT_SECONDS = config.serve_default("--sts-timeout")  # read once, not per simulated daemon
+
 
 def identity_key(identity: int) -> CacheKey:
     subject = f"system:serviceaccount:team-{identity}:app"
@@ -148,7 +150,7 @@ class SimulatedDaemon:
         self.sts_settings = config.StsSettings(
             region="simulated", endpoint_url="http://sts.simulated.invalid",
             session_duration_seconds=int(knobs.session_duration_seconds),
-            timeout_seconds=config.serve_default("--sts-timeout"),
+            timeout_seconds=_STS_TIMEOUT_SECONDS,
             rate_per_second=knobs.sts_rate_per_second, burst=knobs.sts_burst,
             concurrency=knobs.sts_concurrency, max_queued=knobs.sts_queue, cluster=cluster,
         )

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from daemon import config
@@ -40,10 +41,33 @@ _OPTIONS = {option.flag: option for option in config.SERVE_OPTIONS if option.fla
 
 def knobs_from_flags(argv: list[str]) -> DaemonKnobs:
     """What a daemon started with these `irsa-cache serve` flags (flag, value, ...) runs
-    with; the rest at serve's defaults."""
-    flags, values = argv[::2], argv[1::2]
-    return DaemonKnobs(**{DAEMON_FLAGS[flag]: _OPTIONS[flag].parse(value)
-                          for flag, value in zip(flags, values, strict=True)})
+    with, the rest at serve's defaults; ConfigError where serve would refuse them."""
+    given = dict(zip(argv[::2], argv[1::2], strict=True))
+    problems = [f"{flag}: not a setting of the daemon's cache or STS budget" for flag in given if flag not in _OPTIONS]
+    knobs = _daemon_knobs(lambda option: given.get(option.flag), problems)
+    if problems:
+        raise ConfigError(problems)
+    return knobs
+
+
+def _daemon_knobs(text_of: Callable[[config.Option], str | None], problems: list[str]) -> DaemonKnobs:
+    """The daemon's knobs from the text given for each of serve's options (None: its
+    default), checked by serve's own rules; each problem is added to `problems`."""
+    knobs: dict[str, Any] = {}
+    serve_values: dict[str, Any] = {}  # by the option's dest, for the rules `serve` applies
+    for flag, option in _OPTIONS.items():
+        text = text_of(option) or option.default
+        value = None
+        if text is not None:
+            try:
+                value = option.parse(text)
+            except ValueError as exc:
+                problems.append(f"{flag}: {exc}")
+        serve_values[option.dest] = value
+        if value is not None:
+            knobs[DAEMON_FLAGS[flag]] = value
+    problems += config.cache_and_sts_rules(serve_values, {option.dest: flag for flag, option in _OPTIONS.items()})
+    return DaemonKnobs(**knobs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,22 +136,16 @@ def inputs_from(args: argparse.Namespace) -> tuple[Inputs, list[str]]:
         "sts_latency_seconds": parsed("--sts-latency", args.sts_latency, config.parse_duration),
         "seed": parsed("--seed", args.seed, int),
     }
-    knobs: dict[str, Any] = {}
-    serve_values: dict[str, Any] = {}  # by the option's dest, for the rules `serve` applies
-    for flag, option in _OPTIONS.items():
-        value = serve_values[option.dest] = parsed(flag, getattr(args, option.dest) or option.default, option.parse)
-        if value is not None:
-            knobs[DAEMON_FLAGS[flag]] = value
+    knobs = _daemon_knobs(lambda option: getattr(args, option.dest), problems)
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     for mode in modes:
         if mode not in MODES:
             problems.append(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
     if not modes:
         problems.append("--modes: name at least one")
-    problems += config.cache_and_sts_rules(serve_values, {option.dest: flag for flag, option in _OPTIONS.items()})
     if problems:
         raise ConfigError(problems)
-    inputs = Inputs(handoff=args.handoff, daemon=DaemonKnobs(**knobs),
+    inputs = Inputs(handoff=args.handoff, daemon=knobs,
                     **{k: v for k, v in values.items() if v is not None})
     return inputs, modes
 
