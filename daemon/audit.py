@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 
 from daemon import metrics
+from daemon.bounded import make_room
 from daemon.models import Credentials, VerifiedToken
 
 audit = logging.getLogger("irsa_cache.audit")
@@ -47,9 +48,8 @@ class IssuanceTrail:
         if self._issued.get(fingerprint) == credentials.access_key_id:
             metrics.REPEAT_ANSWERS.inc()
             return False
-        if fingerprint not in self._issued and len(self._issued) >= self._max_tokens:
-            for oldest in list(self._issued)[: self._max_tokens // 4 or 1]:
-                del self._issued[oldest]
+        if fingerprint not in self._issued:
+            make_room(self._issued, self._max_tokens)
         self._issued[fingerprint] = credentials.access_key_id
         metrics.ISSUANCES.inc()
         identity = verified.identity

@@ -32,6 +32,7 @@ from daemon import jws, metrics
 from daemon.backoff import full_jitter
 from daemon.errors import DirectoryUnavailableError, TokenError
 from daemon.logs import describe
+from daemon.bounded import make_room
 from daemon.models import Clock, Identity, VerifiedToken, digest_fingerprint
 
 log = logging.getLogger(__name__)
@@ -408,12 +409,7 @@ class TokenVerifier:
         return VerifiedToken(identity=identity, raw=token, expires_at=float(exp), fingerprint=token_fingerprint)
 
     def _remember(self, digest: bytes, verified: VerifiedToken, now: float) -> None:
-        if len(self._verified) >= self._max_verified:
-            for stale in [d for d, v in self._verified.items() if v.expires_at + self._leeway < now]:
-                del self._verified[stale]
-        if len(self._verified) >= self._max_verified:
-            for oldest in list(self._verified)[: self._max_verified // 4 or 1]:
-                del self._verified[oldest]
+        make_room(self._verified, self._max_verified, lambda proof: proof.expires_at + self._leeway < now)
         self._verified[digest] = _Proof(verified.identity, verified.expires_at, verified.fingerprint)
 
 

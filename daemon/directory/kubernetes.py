@@ -36,6 +36,7 @@ from daemon.config import TOKEN_REVIEWS_AT_ONCE, ApiTimeouts
 from daemon.directory.informer import ApiError, Informer, Key, Obj, key_of, raw_json, total_timeout
 from daemon.errors import DirectoryUnavailableError, IdentityNotAllowedError, TokenError
 from daemon.logs import describe
+from daemon.bounded import make_room
 from daemon.models import CacheKey, Clock, Identity, VerifiedToken, digest_fingerprint
 from daemon import jws
 from daemon.refusals import Refusals
@@ -429,11 +430,7 @@ class TokenReviewVerifier:
             pod_uid=_first(_field(status, "user", "extra", POD_UID_EXTRA)),
         )
         metrics.token_verification("valid").inc()
-        if len(self._reviewed) >= self._max_cached:
-            self._reviewed = {d: v for d, v in self._reviewed.items() if v[1] > now}
-            if len(self._reviewed) >= self._max_cached:  # none expired: the oldest quarter goes
-                for oldest in list(self._reviewed)[: self._max_cached // 4 or 1]:
-                    del self._reviewed[oldest]
+        make_room(self._reviewed, self._max_cached, lambda review: review[1] <= now)
         print_ = digest_fingerprint(digest)
         self._reviewed[digest] = (identity, expires_at, print_)
         return VerifiedToken(identity=identity, raw=token, expires_at=expires_at, fingerprint=print_)
